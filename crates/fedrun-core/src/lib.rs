@@ -1,0 +1,27 @@
+//! NVFlare's data model, for fedrun.
+//!
+//! Everything fedrun's engine passes around is defined here, with no actors and no I/O, so that
+//! codecs, transports and the engine all agree on one model:
+//!
+//! - [`Value`]: the dynamic values a payload carries (msgpack-native values plus the tagged
+//!   Python objects NVFlare sends);
+//! - [`Shareable`]: the string-keyed map with a `__headers__` map that every message carries;
+//! - [`ReturnCode`], [`AppReturnCode`], [`CellReturnCode`]: the two return-code vocabularies;
+//! - [`PeerContext`]: a serialised FLContext;
+//! - [`NdArray`]: numpy arrays in `.npy` form;
+//! - [`constants`]: the exact strings NVFlare uses for keys, topics and events.
+
+pub mod constants;
+mod error;
+pub mod ndarray;
+pub mod peer_context;
+mod return_code;
+mod shareable;
+mod value;
+
+pub use error::CoreError;
+pub use ndarray::NdArray;
+pub use peer_context::{ContextProp, PeerContext};
+pub use return_code::{AppReturnCode, CellReturnCode, ReturnCode};
+pub use shareable::Shareable;
+pub use value::{Integer, Map, Tagged, Value, ENUM_DECOMPOSER};

@@ -1,0 +1,1 @@
+//! NVFlare's FOBS payload codec.
