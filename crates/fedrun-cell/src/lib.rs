@@ -1,0 +1,1 @@
+//! NVFlare CellNet cells for fedrun.

@@ -1,0 +1,1 @@
+//! fedrun client job engine.
