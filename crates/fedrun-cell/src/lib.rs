@@ -1,1 +1,5 @@
 //! NVFlare CellNet cells for fedrun.
+
+pub mod abort;
+
+pub use abort::AbortSignal;
