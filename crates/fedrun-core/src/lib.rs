@@ -8,11 +8,13 @@
 //! - [`Shareable`]: the string-keyed map with a `__headers__` map that every message carries;
 //! - [`ReturnCode`], [`AppReturnCode`], [`CellReturnCode`]: the two return-code vocabularies;
 //! - [`PeerContext`]: a serialised FLContext;
+//! - [`FlContext`], [`FlContextManager`]: the live context and its shared sticky props;
 //! - [`NdArray`]: numpy arrays in `.npy` form;
 //! - [`constants`]: the exact strings NVFlare uses for keys, topics and events.
 
 pub mod constants;
 mod error;
+pub mod fl_context;
 pub mod ndarray;
 pub mod peer_context;
 mod return_code;
@@ -20,6 +22,7 @@ mod shareable;
 mod value;
 
 pub use error::CoreError;
+pub use fl_context::{FlContext, FlContextManager};
 pub use ndarray::NdArray;
 pub use peer_context::{ContextProp, PeerContext};
 pub use return_code::{AppReturnCode, CellReturnCode, ReturnCode};
