@@ -18,6 +18,14 @@ pub enum CoreError {
     /// Bytes that should be a `.npy` array are not a valid one.
     #[error("invalid .npy data: {0}")]
     InvalidNpy(String),
+    /// A numpy array was read as a type it does not hold.
+    #[error("array holds {actual} elements, not {expected}")]
+    DTypeMismatch {
+        /// The type the caller asked for (e.g. `float32`).
+        expected: String,
+        /// The array's descr (e.g. `<f8`).
+        actual: String,
+    },
     /// A context prop already exists (locally or as a sticker of the context's manager) with a
     /// different mask; NVFlare refuses to change a prop's mask, and so does fedrun.
     #[error(
