@@ -112,7 +112,8 @@ pub mod fl_ctx_key {
     pub const EVENT_DEPTH: &str = "###event_depth";
 }
 
-/// Process types (`ProcessType`). A client job engine always runs as [`CLIENT_JOB`].
+/// Process types (`ProcessType`). A client job engine always runs as
+/// [`CLIENT_JOB`](process_type::CLIENT_JOB).
 pub mod process_type {
     /// Server parent process.
     pub const SERVER_PARENT: &str = "SP";
@@ -122,4 +123,346 @@ pub mod process_type {
     pub const CLIENT_PARENT: &str = "CP";
     /// Client job process.
     pub const CLIENT_JOB: &str = "CJ";
+}
+
+/// Site types (`SiteType`), and the reserved target names of aux messages.
+pub mod site_type {
+    /// The server (also `FQCN.ROOT_SERVER`, the server's cell name).
+    pub const SERVER: &str = "server";
+    /// The server's parent process.
+    pub const SERVER_PARENT: &str = "server_parent";
+    /// A client.
+    pub const CLIENT: &str = "client";
+    /// Every site: the server and every other job client.
+    pub const ALL: &str = "@ALL";
+}
+
+/// Fully qualified cell names.
+pub mod fqcn {
+    /// The root server's cell name.
+    pub const ROOT_SERVER: &str = "server";
+    /// The separator of FQCN and FQSN components.
+    pub const SEPARATOR: &str = ".";
+}
+
+/// Reserved aux topics (`ReservedTopic`) and the fed-event topic.
+pub mod reserved_topic {
+    /// End the run.
+    pub const END_RUN: &str = "__end_run__";
+    /// Abort the current task.
+    pub const ABORT_TASK: &str = "__abort_task__";
+    /// Do a task (pushed by the server).
+    pub const DO_TASK: &str = "__do_task__";
+    /// An aux command.
+    pub const AUX_COMMAND: &str = "__aux_command__";
+    /// Runner synchronisation at job start.
+    pub const SYNC_RUNNER: &str = "__sync_runner__";
+    /// Job heartbeat.
+    pub const JOB_HEART_BEAT: &str = "__job_heartbeat__";
+    /// Check whether a task is still wanted.
+    pub const TASK_CHECK: &str = "__task_check__";
+    /// Application metrics.
+    pub const APP_METRICS: &str = "__app_metrics__";
+    /// A message root was deleted (download transactions).
+    pub const MSG_ROOT_DELETED: &str = "__msg_root_deleted__";
+    /// Stop the cell network.
+    pub const STOP_CELLNET: &str = "__stop_cellnet__";
+    /// Events fired across sites.
+    pub const FED_EVENT: &str = "fed.event";
+}
+
+/// Special task names (`SpecialTaskName`) the server answers a task fetch with.
+pub mod special_task {
+    /// No task now: ask again later.
+    pub const TRY_AGAIN: &str = "__try_again__";
+    /// The run is over.
+    pub const END_RUN: &str = "__end_run__";
+}
+
+/// Headers of task fetch and result messages.
+pub mod task_header {
+    /// The fetched task's name (`ServerCommandKey.TASK_NAME`).
+    pub const TASK_NAME: &str = "task_name";
+    /// The id of the last task received.
+    pub const LAST_TASK_ID: &str = "last_task_id";
+    /// The smallest get-task timeout.
+    pub const MIN_GET_TASK_TIMEOUT: &str = "min_get_task_timeout";
+    /// Cell header on task traffic.
+    pub const PROJECT_NAME: &str = "project_name";
+    /// Seconds to wait before fetching again.
+    pub const WAIT_TIME: &str = "__wait_time__";
+}
+
+/// Cell channels.
+pub mod channel {
+    /// Aux messages (the topic is the aux topic).
+    pub const AUX_COMMUNICATION: &str = "aux_communication";
+    /// Task fetch and result push.
+    pub const SERVER_COMMAND: &str = "server_command";
+    /// Admin commands into the client job (e.g. topic `abort`).
+    pub const CLIENT_COMMAND: &str = "client_command";
+}
+
+/// Cell topics of the `server_command` channel (and the admin abort command).
+pub mod topic {
+    /// Fetch a task.
+    pub const GET_TASK: &str = "get_task";
+    /// Push a task result.
+    pub const SUBMIT_UPDATE: &str = "submit_update";
+    /// Abort the job (channel `client_command`).
+    pub const ABORT: &str = "abort";
+}
+
+/// Object streaming: aux topics, request headers and stream-context keys.
+pub mod stream {
+    /// Aux topic of a stream request.
+    pub const TOPIC_REQUEST: &str = "ObjectStreamer.Request";
+    /// Aux topic of a stream abort (also sent at normal end).
+    pub const TOPIC_ABORT: &str = "ObjectStreamer.Abort";
+    /// Header: the stream transaction id.
+    pub const HEADER_TX_ID: &str = "ObjectStreamer.TX_ID";
+    /// Header: the sequence number.
+    pub const HEADER_SEQ: &str = "ObjectStreamer.SEQ";
+    /// Header: the application topic.
+    pub const HEADER_TOPIC: &str = "ObjectStreamer.TOPIC";
+    /// Header: the application channel.
+    pub const HEADER_CHANNEL: &str = "ObjectStreamer.CHANNEL";
+    /// Header: the stream context.
+    pub const HEADER_CTX: &str = "ObjectStreamer.CTX";
+    /// Header: the end result.
+    pub const HEADER_END_RESULT: &str = "ObjectStreamer.END_RESULT";
+    /// Stream-context key: the channel.
+    pub const CTX_CHANNEL: &str = "__channel__";
+    /// Stream-context key: the topic.
+    pub const CTX_TOPIC: &str = "__topic__";
+    /// Stream-context key: the final return code.
+    pub const CTX_RC: &str = "__RC__";
+    /// Stream-context key: set when the stream ended.
+    pub const CTX_END_STREAM: &str = "__end_stream__";
+}
+
+/// Event types (`EventType`) the client job engine fires or handles.
+pub mod event_type {
+    /// The system is booting.
+    pub const SYSTEM_BOOTSTRAP: &str = "_system_bootstrap";
+    /// The run is about to start.
+    pub const ABOUT_TO_START_RUN: &str = "_about_to_start_run";
+    /// The run started.
+    pub const START_RUN: &str = "_start_run";
+    /// The run is about to end.
+    pub const ABOUT_TO_END_RUN: &str = "_about_to_end_run";
+    /// The run ended.
+    pub const END_RUN: &str = "_end_run";
+    /// Ask handlers whether the run may end now.
+    pub const CHECK_END_RUN_READINESS: &str = "_check_end_run_readiness";
+    /// The current task is aborted.
+    pub const ABORT_TASK: &str = "_abort_task";
+    /// A fatal system error happened.
+    pub const FATAL_SYSTEM_ERROR: &str = "_fatal_system_error";
+    /// A fatal task error happened.
+    pub const FATAL_TASK_ERROR: &str = "_fatal_task_error";
+    /// Before fetching a task.
+    pub const BEFORE_PULL_TASK: &str = "_before_pull_task";
+    /// After fetching a task.
+    pub const AFTER_PULL_TASK: &str = "_after_pull_task";
+    /// Before the task data filters run.
+    pub const BEFORE_TASK_DATA_FILTER: &str = "_before_task_data_filter";
+    /// After the task data filters ran.
+    pub const AFTER_TASK_DATA_FILTER: &str = "_after_task_data_filter";
+    /// Before the executor runs the task.
+    pub const BEFORE_TASK_EXECUTION: &str = "_before_task_execution";
+    /// After the executor ran the task.
+    pub const AFTER_TASK_EXECUTION: &str = "_after_task_execution";
+    /// Before the task result filters run.
+    pub const BEFORE_TASK_RESULT_FILTER: &str = "_before_task_result_filter";
+    /// After the task result filters ran.
+    pub const AFTER_TASK_RESULT_FILTER: &str = "_after_task_result_filter";
+    /// Before sending a task result.
+    pub const BEFORE_SEND_TASK_RESULT: &str = "_before_send_task_result";
+    /// After sending a task result.
+    pub const AFTER_SEND_TASK_RESULT: &str = "_after_send_task_result";
+    /// A task was assigned (sent) to a client.
+    pub const TASK_ASSIGNMENT_SENT: &str = "_task_assignment_sent";
+    /// A task result was received.
+    pub const TASK_RESULT_RECEIVED: &str = "_task_result_received";
+    /// A critical log entry is available.
+    pub const CRITICAL_LOG_AVAILABLE: &str = "_critical_log_available";
+    /// An error log entry is available (recorded by the info collector).
+    pub const ERROR_LOG_AVAILABLE: &str = "_error_log_available";
+    /// An exception log entry is available.
+    pub const EXCEPTION_LOG_AVAILABLE: &str = "_exception_log_available";
+    /// A warning log entry is available.
+    pub const WARNING_LOG_AVAILABLE: &str = "_warning_log_available";
+    /// An info log entry is available.
+    pub const INFO_LOG_AVAILABLE: &str = "_info_log_available";
+    /// A debug log entry is available.
+    pub const DEBUG_LOG_AVAILABLE: &str = "_debug_log_available";
+}
+
+/// Event scopes (`__event_scope__`).
+pub mod event_scope {
+    /// The default scope: this site only.
+    pub const LOCAL: &str = "local";
+}
+
+/// Widget ids.
+pub mod widget_id {
+    /// The info collector (keeps the error log).
+    pub const INFO_COLLECTOR: &str = "info_collector";
+    /// The component caller.
+    pub const COMPONENT_CALLER: &str = "component_caller";
+    /// The fed-event runner.
+    pub const FED_EVENT_RUNNER: &str = "fed_event_runner";
+}
+
+/// Keys of a job's meta (`JobMetaKey`).
+pub mod job_meta_key {
+    /// The list of the job's client dicts.
+    pub const JOB_CLIENTS: &str = "job_clients";
+    /// The job's privacy scope.
+    pub const SCOPE: &str = "scope";
+}
+
+/// Configuration variable names and their defaults (read through NVFlare's ConfigService).
+///
+/// Timeouts and intervals are in seconds. A variable whose default is "none" has no `_DEFAULT`.
+pub mod config_var {
+    /// How long an aux runner waits for the cell (application config, read once).
+    pub const CELL_WAIT_TIMEOUT: &str = "cell_wait_timeout";
+    /// Default of [`CELL_WAIT_TIMEOUT`].
+    pub const CELL_WAIT_TIMEOUT_DEFAULT: f64 = 5.0;
+    /// How many streams are processed at once.
+    pub const MAX_CONCURRENT_STREAMING_SESSIONS: &str = "max_concurrent_streaming_sessions";
+    /// Default of [`MAX_CONCURRENT_STREAMING_SESSIONS`].
+    pub const MAX_CONCURRENT_STREAMING_SESSIONS_DEFAULT: usize = 20;
+    /// Timeout of a task fetch (default none: the communication timeout applies).
+    pub const GET_TASK_TIMEOUT: &str = "get_task_timeout";
+    /// Timeout of a result push (default none: the communication timeout applies).
+    pub const SUBMIT_TASK_RESULT_TIMEOUT: &str = "submit_task_result_timeout";
+    /// Timeout of a task check.
+    pub const TASK_CHECK_TIMEOUT: &str = "task_check_timeout";
+    /// Default of [`TASK_CHECK_TIMEOUT`].
+    pub const TASK_CHECK_TIMEOUT_DEFAULT: f64 = 5.0;
+    /// Interval between task checks.
+    pub const TASK_CHECK_INTERVAL: &str = "task_check_interval";
+    /// Default of [`TASK_CHECK_INTERVAL`].
+    pub const TASK_CHECK_INTERVAL_DEFAULT: f64 = 5.0;
+    /// Interval between job heartbeats.
+    pub const JOB_HEARTBEAT_INTERVAL: &str = "job_heartbeat_interval";
+    /// Default of [`JOB_HEARTBEAT_INTERVAL`].
+    pub const JOB_HEARTBEAT_INTERVAL_DEFAULT: f64 = 10.0;
+    /// Timeout of one runner-sync request.
+    pub const RUNNER_SYNC_TIMEOUT: &str = "runner_sync_timeout";
+    /// Default of [`RUNNER_SYNC_TIMEOUT`].
+    pub const RUNNER_SYNC_TIMEOUT_DEFAULT: f64 = 2.0;
+    /// Overall deadline of the runner sync.
+    pub const MAX_RUNNER_SYNC_TIMEOUT: &str = "max_runner_sync_timeout";
+    /// Default of [`MAX_RUNNER_SYNC_TIMEOUT`].
+    pub const MAX_RUNNER_SYNC_TIMEOUT_DEFAULT: f64 = 60.0;
+    /// How long to wait for handlers to be ready to end the run.
+    pub const END_RUN_READINESS_TIMEOUT: &str = "end_run_readiness_timeout";
+    /// Default of [`END_RUN_READINESS_TIMEOUT`].
+    pub const END_RUN_READINESS_TIMEOUT_DEFAULT: f64 = 5.0;
+    /// Interval between end-run readiness checks.
+    pub const END_RUN_READINESS_CHECK_INTERVAL: &str = "end_run_readiness_check_interval";
+    /// Default of [`END_RUN_READINESS_CHECK_INTERVAL`].
+    pub const END_RUN_READINESS_CHECK_INTERVAL_DEFAULT: f64 = 0.5;
+    /// Client argument: the communicator's timeout.
+    pub const COMMUNICATION_TIMEOUT: &str = "communication_timeout";
+    /// Default of [`COMMUNICATION_TIMEOUT`].
+    pub const COMMUNICATION_TIMEOUT_DEFAULT: f64 = 300.0;
+    /// Client argument: the site's FQSN (default: the client name).
+    pub const FQSN: &str = "fqsn";
+    /// Client argument: whether the site is a leaf.
+    pub const IS_LEAF: &str = "is_leaf";
+    /// Default of [`IS_LEAF`].
+    pub const IS_LEAF_DEFAULT: bool = true;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_keys_that_nvflare_spells_specially_are_exact() {
+        assert_eq!(fl_ctx_key::EVENT_DEPTH, "###event_depth");
+        assert_eq!(fl_ctx_key::RUN_NUM, "__run_num__");
+        assert_eq!(stream::CTX_RC, "__RC__");
+        assert_eq!(site_type::ALL, "@ALL");
+        assert_eq!(reserved_topic::FED_EVENT, "fed.event");
+        assert_eq!(process_type::CLIENT_JOB, "CJ");
+    }
+
+    #[test]
+    fn dunder_keys_are_wrapped_in_double_underscores() {
+        let keys = [
+            fl_ctx_key::RUN_NUM,
+            fl_ctx_key::IDENTITY_NAME,
+            fl_ctx_key::FQSN,
+            fl_ctx_key::IS_LEAF,
+            fl_ctx_key::PROCESS_TYPE,
+            fl_ctx_key::CLIENT_CONFIG,
+            fl_ctx_key::JOB_META,
+            fl_ctx_key::CLIENT_HIERARCHY,
+            fl_ctx_key::PEER_CTX,
+            fl_ctx_key::RUN_ABORT_SIGNAL,
+            fl_ctx_key::RUN_ABORT_REQUESTED,
+            fl_ctx_key::EXCEPTIONS,
+            fl_ctx_key::EVENT_ID,
+            fl_ctx_key::EVENT_DATA,
+            fl_ctx_key::EVENT_ORIGIN,
+            fl_ctx_key::EVENT_SCOPE,
+            fl_ctx_key::TASK_NAME,
+            fl_ctx_key::TASK_ID,
+            fl_ctx_key::TASK_DATA,
+            fl_ctx_key::TASK_RESULT,
+            fl_ctx_key::SSID,
+            fl_ctx_key::CURRENT_JOB_ID,
+            fl_ctx_key::CLIENT_NAME,
+            fl_ctx_key::CUSTOM_PROPS,
+            reserved_topic::END_RUN,
+            reserved_topic::STOP_CELLNET,
+            special_task::TRY_AGAIN,
+            special_task::END_RUN,
+            stream::CTX_CHANNEL,
+            stream::CTX_TOPIC,
+            stream::CTX_END_STREAM,
+        ];
+        for k in keys {
+            assert!(
+                k.len() > 4 && k.starts_with("__") && k.ends_with("__"),
+                "{k}"
+            );
+        }
+    }
+
+    #[test]
+    fn event_types_start_with_one_underscore() {
+        for e in [
+            event_type::SYSTEM_BOOTSTRAP,
+            event_type::START_RUN,
+            event_type::END_RUN,
+            event_type::CHECK_END_RUN_READINESS,
+            event_type::ERROR_LOG_AVAILABLE,
+            event_type::TASK_RESULT_RECEIVED,
+        ] {
+            assert!(e.starts_with('_') && !e.starts_with("__"), "{e}");
+        }
+    }
+
+    #[test]
+    fn streaming_headers_share_the_object_streamer_prefix() {
+        for h in [
+            stream::TOPIC_REQUEST,
+            stream::TOPIC_ABORT,
+            stream::HEADER_TX_ID,
+            stream::HEADER_SEQ,
+            stream::HEADER_TOPIC,
+            stream::HEADER_CHANNEL,
+            stream::HEADER_CTX,
+            stream::HEADER_END_RESULT,
+        ] {
+            assert!(h.starts_with("ObjectStreamer."), "{h}");
+        }
+    }
 }
