@@ -12,11 +12,13 @@
 //! - [`Client`], [`ClientHierarchy`], [`parse_job_clients`]: the job's sites and their forest;
 //! - [`ClientRunInfo`], [`TaskAssignment`], [`StreamContext`], [`AuxMsgTarget`],
 //!   [`ErrorRecord`]: the engine's small records;
+//! - [`Dxo`], [`DataKind`]: the data exchange object training jobs flatten into Shareables;
 //! - [`NdArray`]: numpy arrays in `.npy` form;
 //! - [`constants`]: the exact strings NVFlare uses for keys, topics and events.
 
 pub mod client;
 pub mod constants;
+pub mod dxo;
 mod error;
 pub mod fl_context;
 pub mod ndarray;
@@ -29,6 +31,7 @@ mod value;
 pub use client::{
     build_client_hierarchy, parse_job_clients, Client, ClientHierarchy, HierarchyNode,
 };
+pub use dxo::{DataKind, Dxo};
 pub use error::CoreError;
 pub use fl_context::{FlContext, FlContextManager};
 pub use ndarray::NdArray;
