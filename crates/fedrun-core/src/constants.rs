@@ -158,7 +158,7 @@ pub mod reserved_topic {
     /// Runner synchronisation at job start.
     pub const SYNC_RUNNER: &str = "__sync_runner__";
     /// Job heartbeat.
-    pub const JOB_HEART_BEAT: &str = "__job_heartbeat__";
+    pub const JOB_HEARTBEAT: &str = "__job_heartbeat__";
     /// Check whether a task is still wanted.
     pub const TASK_CHECK: &str = "__task_check__";
     /// Application metrics.
