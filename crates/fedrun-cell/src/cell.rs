@@ -329,7 +329,9 @@ impl FireAndForget {
 
 /// Stops the cell: it leaves the transport (becomes unreachable at once), every request still
 /// waiting for a reply gets a `comm_error` reply immediately (the failure is the link going
-/// away, not the peer being slow), running handlers are dropped, and the actor stops.
+/// away, not the peer being slow), running handlers are dropped, and the actor stops. The
+/// answer comes once the actor has stopped; messages still queued in its mailbox are dropped
+/// (their senders see a closed mailbox).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Stop;
@@ -378,6 +380,8 @@ pub struct Cell {
     handlers: HashMap<(String, String), RequestHandler>,
     waiters: Waiters,
     shut_down: bool,
+    /// Callers of [`Stop`] waiting for the actor to be fully stopped.
+    stop_waiters: Vec<oneshot::Sender<()>>,
 }
 
 impl Cell {
@@ -421,6 +425,7 @@ impl Cell {
             handlers: HashMap::new(),
             waiters: Arc::new(Mutex::new(HashMap::new())),
             shut_down: false,
+            stop_waiters: Vec::new(),
         };
         ctx.run(cell);
         Ok(CellHandle { fqcn, addr })
@@ -903,6 +908,9 @@ impl Actor for Cell {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         // Also covers stops that did not come through `Stop` (e.g. the System shutting down).
         self.shut_down();
+        for tx in self.stop_waiters.drain(..) {
+            let _ = tx.send(());
+        }
     }
 }
 
@@ -1061,13 +1069,19 @@ impl Handler<Deliver> for Cell {
 }
 
 impl Handler<Stop> for Cell {
-    type Result = ();
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _msg: Stop, ctx: &mut Self::Context) {
-        // Unregister and release the waiters here, before acknowledging, so that the caller of
-        // `stop` observes an unreachable cell as soon as the call returns.
+    fn handle(&mut self, _msg: Stop, ctx: &mut Self::Context) -> Self::Result {
+        // Unregister and release the waiters at once; then answer only when `stopped()` has run,
+        // so that once the caller sees the answer the actor is gone (its mailbox closes as the
+        // actor's task ends, before this detached future runs again).
         self.shut_down();
+        let (tx, rx) = oneshot::channel();
+        self.stop_waiters.push(tx);
         ctx.stop();
+        Box::pin(async move {
+            let _ = rx.await;
+        })
     }
 }
 
@@ -1173,8 +1187,9 @@ impl CellHandle {
             .map_err(|_| self.stopped(None))
     }
 
-    /// Stops the cell (see [`Stop`]) and returns once it is unreachable. Stopping a stopped
-    /// cell succeeds.
+    /// Stops the cell (see [`Stop`]) and returns once the actor has stopped: from then on
+    /// the cell is unreachable and this handle's methods return [`CellError::Stopped`] with
+    /// the message handed back. Stopping a stopped cell does nothing.
     pub async fn stop(&self) {
         if self.addr.send(Stop).await.is_err() {
             log::debug!("cell {}: stop requested, already stopped", self.fqcn);
