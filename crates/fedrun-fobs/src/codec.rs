@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use fedrun_core::{Tagged, Value};
+use fedrun_core::Value;
 use uuid::Uuid;
 
 use crate::error::FobsError;
@@ -351,91 +351,85 @@ struct Planner<'v> {
     leaves: Vec<(usize, &'v Value)>,
 }
 
-impl<'v> Planner<'v> {
-    /// The order msgpack packs the tree in: each object externalizes its data, then is packed.
-    fn walk(&mut self, v: &'v Value, depth: usize) -> Result<(), FobsError> {
-        let inner = msgpack::depth_below(depth)?;
-        match v {
-            Value::Array(items) => {
-                for item in items {
-                    self.walk(item, inner)?;
-                }
-            }
-            Value::Map(m) => {
-                for (k, item) in m.iter() {
-                    self.walk(k, inner)?;
-                    self.walk(item, inner)?;
-                }
-            }
-            Value::Tuple(items) | Value::Set(items) => {
-                for item in items {
-                    self.externalize(item, inner)?;
-                }
-                for item in items {
-                    self.walk(item, inner)?;
-                }
-            }
-            Value::NdArray(_) => self.leaf(v),
-            Value::Shareable(s) => {
-                for (_, item) in s.iter() {
-                    self.externalize(item, inner)?;
-                }
-                for (_, item) in s.iter() {
-                    self.walk(item, inner)?;
-                }
-            }
-            Value::Context(c) => {
-                self.externalize(&c.model, inner)?;
-                for (_, p) in &c.props {
-                    self.externalize(&p.value, inner)?;
-                }
-                self.walk(&c.model, inner)?;
-                for (_, p) in &c.props {
-                    self.walk(&p.value, inner)?;
-                }
-            }
-            Value::Tagged(t) => {
-                self.externalize(&t.data, inner)?;
-                self.walk(&t.data, inner)?;
-            }
-            _ => {}
-        }
-        Ok(())
-    }
+/// A step of the planner's walk (an explicit stack keeps deep values off the call stack).
+enum Step<'v> {
+    /// Visit a value in the order msgpack packs it.
+    Walk(&'v Value, usize),
+    /// Python's `Externalizer` over an object's data.
+    Externalize(&'v Value, usize),
+}
 
-    /// Python's `Externalizer`: through dicts (dict subclasses included) and lists to the leaves.
-    fn externalize(&mut self, v: &'v Value, depth: usize) -> Result<(), FobsError> {
-        let inner = msgpack::depth_below(depth)?;
-        match v {
-            Value::Bin(_) | Value::Str(_) => self.leaf(v),
-            Value::Array(items) => {
-                for item in items {
-                    self.externalize(item, inner)?;
-                }
-            }
-            Value::Map(m) => {
-                for (_, item) in m.iter() {
-                    self.externalize(item, inner)?;
-                }
-            }
-            Value::Shareable(s) => {
-                for (_, item) in s.iter() {
-                    self.externalize(item, inner)?;
-                }
-            }
-            // an OrderedDict is a dict subclass: its values are externalized by its parent
-            Value::Tagged(t) if t.type_name == type_name::ORDERED_DICT => {
-                if let Value::Array(items) = &t.data {
-                    for item in items {
-                        if let Value::Tuple(pair) = item {
-                            if let [_, value] = pair.as_slice() {
-                                self.externalize(value, inner)?;
+impl<'v> Planner<'v> {
+    /// Visit the tree in the order msgpack packs it: each object first externalizes its data,
+    /// then its data is packed.
+    fn walk(&mut self, root: &'v Value, limit: usize) -> Result<(), FobsError> {
+        let mut stack = vec![Step::Walk(root, 0)];
+        while let Some(step) = stack.pop() {
+            match step {
+                Step::Walk(v, depth) => {
+                    let d = deeper(depth, limit)?;
+                    let walk = |v| Step::Walk(v, d);
+                    let ext = |v| Step::Externalize(v, d);
+                    match v {
+                        Value::Array(items) => stack.extend(items.iter().rev().map(walk)),
+                        Value::Map(m) => {
+                            for (k, item) in m.as_pairs().iter().rev() {
+                                stack.push(walk(item));
+                                stack.push(walk(k));
                             }
                         }
+                        Value::Tuple(items) | Value::Set(items) => {
+                            stack.extend(items.iter().rev().map(walk));
+                            stack.extend(items.iter().rev().map(ext));
+                        }
+                        Value::NdArray(_) => self.leaf(v),
+                        Value::Shareable(sh) => {
+                            let items: Vec<&Value> = sh.iter().map(|(_, item)| item).collect();
+                            stack.extend(items.iter().rev().map(|v| walk(v)));
+                            stack.extend(items.iter().rev().map(|v| ext(v)));
+                        }
+                        Value::Context(c) => {
+                            stack.extend(c.props.iter().rev().map(|(_, p)| walk(&p.value)));
+                            stack.push(walk(&c.model));
+                            stack.extend(c.props.iter().rev().map(|(_, p)| ext(&p.value)));
+                            stack.push(ext(&c.model));
+                        }
+                        Value::Tagged(t) => {
+                            stack.push(walk(&t.data));
+                            stack.push(ext(&t.data));
+                        }
+                        _ => {}
+                    }
+                }
+                Step::Externalize(v, depth) => {
+                    let d = deeper(depth, limit)?;
+                    let ext = |v| Step::Externalize(v, d);
+                    match v {
+                        Value::Bin(_) | Value::Str(_) => self.leaf(v),
+                        Value::Array(items) => stack.extend(items.iter().rev().map(ext)),
+                        Value::Map(m) => {
+                            stack.extend(m.as_pairs().iter().rev().map(|(_, item)| ext(item)))
+                        }
+                        Value::Shareable(sh) => {
+                            let items: Vec<&Value> = sh.iter().map(|(_, item)| item).collect();
+                            stack.extend(items.into_iter().rev().map(ext));
+                        }
+                        // an OrderedDict is a dict subclass: its parent externalizes its values
+                        Value::Tagged(t) if t.type_name == type_name::ORDERED_DICT => {
+                            if let Value::Array(pairs) = &t.data {
+                                for pair in pairs.iter().rev() {
+                                    if let Value::Tuple(kv) = pair {
+                                        if let [_, item] = kv.as_slice() {
+                                            stack.push(ext(item));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
-            _ => {}
         }
         Ok(())
     }
@@ -458,6 +452,14 @@ impl<'v> Planner<'v> {
     }
 }
 
+/// One level deeper, or [`FobsError::EncodeDepthExceeded`].
+fn deeper(depth: usize, limit: usize) -> Result<usize, FobsError> {
+    if depth >= limit {
+        return Err(FobsError::EncodeDepthExceeded { limit });
+    }
+    Ok(depth + 1)
+}
+
 fn open_tag<S: Sink>(s: &mut S, type_name: &str) -> Result<(), FobsError> {
     msgpack::write_map_len(s, 3)?;
     msgpack::write_str(s, tags::FOBS_TYPE)?;
@@ -470,99 +472,405 @@ fn close_tag<S: Sink>(s: &mut S, decomposer: &str) -> Result<(), FobsError> {
     msgpack::write_str(s, decomposer)
 }
 
-fn write_datum_ref<S: Sink>(s: &mut S, id: &Uuid, depth: usize) -> Result<(), FobsError> {
-    let r = Value::Tagged(Box::new(tags::datum_ref_value(id)));
-    write_tree(s, &r, &Plan::default(), depth)
+/// `{"__fobs_type__": DatumRef, "__fobs_data__": {"data": {"datum_id": id, "unwrap": true}}, ...}`
+fn write_datum_ref<S: Sink>(s: &mut S, id: &Uuid) -> Result<(), FobsError> {
+    open_tag(s, type_name::DATUM_REF)?;
+    msgpack::write_map_len(s, 1)?;
+    msgpack::write_str(s, "data")?;
+    msgpack::write_map_len(s, 2)?;
+    msgpack::write_str(s, "datum_id")?;
+    let mut buf = uuid::Uuid::encode_buffer();
+    msgpack::write_str(s, id.hyphenated().encode_lower(&mut buf))?;
+    msgpack::write_str(s, "unwrap")?;
+    msgpack::write_bool(s, true);
+    close_tag(s, decomposer::DATA_CLASS)
+}
+
+/// A piece of output still to write (an explicit stack keeps deep values off the call stack).
+enum Piece<'v> {
+    Value(&'v Value, usize),
+    Str(&'v str),
+    MapLen(usize),
+    Uint(u64),
+    CloseTag(&'v str),
 }
 
 /// Write the msgpack of a FOBS tree, typed values as tagged maps, planned leaves as datum refs.
-fn write_tree<S: Sink>(s: &mut S, v: &Value, plan: &Plan, depth: usize) -> Result<(), FobsError> {
-    let inner = msgpack::depth_below(depth)?;
-    if matches!(v, Value::Bin(_) | Value::Str(_)) {
-        if let Some(id) = plan.get(v) {
-            return write_datum_ref(s, id, inner);
-        }
-    }
-    if msgpack::write_scalar(s, v)? {
-        return Ok(());
-    }
-    match v {
-        Value::Array(items) => {
-            msgpack::write_array_len(s, items.len())?;
-            for item in items {
-                write_tree(s, item, plan, inner)?;
+fn write_tree<S: Sink>(
+    s: &mut S,
+    root: &Value,
+    plan: &Plan,
+    limit: usize,
+) -> Result<(), FobsError> {
+    let mut stack = vec![Piece::Value(root, 0)];
+    while let Some(piece) = stack.pop() {
+        let (v, depth) = match piece {
+            Piece::Value(v, depth) => (v, depth),
+            Piece::Str(text) => {
+                msgpack::write_str(s, text)?;
+                continue;
+            }
+            Piece::MapLen(n) => {
+                msgpack::write_map_len(s, n)?;
+                continue;
+            }
+            Piece::Uint(n) => {
+                msgpack::write_uint(s, n);
+                continue;
+            }
+            Piece::CloseTag(dc) => {
+                close_tag(s, dc)?;
+                continue;
+            }
+        };
+        let d = deeper(depth, limit)?;
+        if matches!(v, Value::Bin(_) | Value::Str(_)) {
+            if let Some(id) = plan.get(v) {
+                write_datum_ref(s, id)?;
+                continue;
             }
         }
-        Value::Map(m) => {
-            msgpack::write_map_len(s, m.len())?;
-            for (k, item) in m.iter() {
-                write_tree(s, k, plan, inner)?;
-                write_tree(s, item, plan, inner)?;
-            }
+        if msgpack::write_scalar(s, v)? {
+            continue;
         }
-        Value::Tuple(items) | Value::Set(items) => {
-            let (t, dc) = if matches!(v, Value::Tuple(_)) {
-                (type_name::TUPLE, decomposer::TUPLE)
-            } else {
-                (type_name::SET, decomposer::SET)
-            };
-            open_tag(s, t)?;
-            msgpack::write_array_len(s, items.len())?;
-            for item in items {
-                write_tree(s, item, plan, inner)?;
+        match v {
+            Value::Array(items) => {
+                msgpack::write_array_len(s, items.len())?;
+                stack.extend(items.iter().rev().map(|item| Piece::Value(item, d)));
             }
-            close_tag(s, dc)?;
-        }
-        Value::NdArray(a) => {
-            open_tag(s, type_name::NDARRAY)?;
-            msgpack::write_map_len(s, 2)?;
-            msgpack::write_str(s, "type")?;
-            msgpack::write_str(s, tags::NDARRAY_NATIVE)?;
-            msgpack::write_str(s, "data")?;
-            match plan.get(v) {
-                Some(id) => write_datum_ref(s, id, inner)?,
-                None => msgpack::write_bin(s, a.npy())?,
+            Value::Map(m) => {
+                msgpack::write_map_len(s, m.len())?;
+                for (k, item) in m.as_pairs().iter().rev() {
+                    stack.push(Piece::Value(item, d));
+                    stack.push(Piece::Value(k, d));
+                }
             }
-            close_tag(s, decomposer::NUMPY_ARRAY)?;
-        }
-        Value::Shareable(sh) => {
-            open_tag(s, type_name::SHAREABLE)?;
-            msgpack::write_map_len(s, sh.len())?;
-            for (k, item) in sh.iter() {
-                msgpack::write_str(s, k)?;
-                write_tree(s, item, plan, inner)?;
+            Value::Tuple(items) | Value::Set(items) => {
+                let (t, dc) = if matches!(v, Value::Tuple(_)) {
+                    (type_name::TUPLE, decomposer::TUPLE)
+                } else {
+                    (type_name::SET, decomposer::SET)
+                };
+                open_tag(s, t)?;
+                msgpack::write_array_len(s, items.len())?;
+                stack.push(Piece::CloseTag(dc));
+                stack.extend(items.iter().rev().map(|item| Piece::Value(item, d)));
             }
-            close_tag(s, decomposer::DICT)?;
-        }
-        Value::Context(c) => {
-            open_tag(s, type_name::FL_CONTEXT)?;
-            msgpack::write_array_len(s, 2)?;
-            write_tree(s, &c.model, plan, inner)?;
-            msgpack::write_map_len(s, c.props.len())?;
-            for (k, p) in &c.props {
-                msgpack::write_str(s, k)?;
+            Value::NdArray(a) => {
+                open_tag(s, type_name::NDARRAY)?;
                 msgpack::write_map_len(s, 2)?;
-                msgpack::write_str(s, "value")?;
-                write_tree(s, &p.value, plan, inner)?;
-                msgpack::write_str(s, "mask")?;
-                msgpack::write_uint(s, u64::from(p.mask));
+                msgpack::write_str(s, "type")?;
+                msgpack::write_str(s, tags::NDARRAY_NATIVE)?;
+                msgpack::write_str(s, "data")?;
+                match plan.get(v) {
+                    Some(id) => write_datum_ref(s, id)?,
+                    None => msgpack::write_bin(s, a.npy())?,
+                }
+                close_tag(s, decomposer::NUMPY_ARRAY)?;
             }
-            close_tag(s, decomposer::CONTEXT)?;
+            Value::Shareable(sh) => {
+                open_tag(s, type_name::SHAREABLE)?;
+                msgpack::write_map_len(s, sh.len())?;
+                stack.push(Piece::CloseTag(decomposer::DICT));
+                let entries: Vec<(&String, &Value)> = sh.iter().collect();
+                for (k, item) in entries.into_iter().rev() {
+                    stack.push(Piece::Value(item, d));
+                    stack.push(Piece::Str(k));
+                }
+            }
+            Value::Context(c) => {
+                open_tag(s, type_name::FL_CONTEXT)?;
+                msgpack::write_array_len(s, 2)?;
+                stack.push(Piece::CloseTag(decomposer::CONTEXT));
+                for (k, p) in c.props.iter().rev() {
+                    stack.push(Piece::Uint(u64::from(p.mask)));
+                    stack.push(Piece::Str("mask"));
+                    stack.push(Piece::Value(&p.value, d));
+                    stack.push(Piece::Str("value"));
+                    stack.push(Piece::MapLen(2));
+                    stack.push(Piece::Str(k));
+                }
+                stack.push(Piece::MapLen(c.props.len()));
+                stack.push(Piece::Value(&c.model, d));
+            }
+            Value::Tagged(t) => {
+                open_tag(s, &t.type_name)?;
+                stack.push(Piece::CloseTag(&t.decomposer));
+                stack.push(Piece::Value(&t.data, d));
+            }
+            // scalars were written above
+            _ => {}
         }
-        Value::Tagged(t) => write_tagged(s, t, plan, inner)?,
-        // scalars were written above
-        _ => {}
     }
     Ok(())
 }
 
-fn write_tagged<S: Sink>(
-    s: &mut S,
-    t: &Tagged,
-    plan: &Plan,
-    depth: usize,
-) -> Result<(), FobsError> {
-    open_tag(s, &t.type_name)?;
-    write_tree(s, &t.data, plan, depth)?;
-    close_tag(s, &t.decomposer)
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use fedrun_core::{Map, NdArray, PeerContext, Shareable, Tagged};
+
+    use super::*;
+
+    fn small(max_value_size: usize) -> EncodeOptions {
+        EncodeOptions {
+            max_value_size,
+            datum_ids: None,
+        }
+    }
+
+    fn nested_arrays(depth: usize) -> Value {
+        let mut v = Value::from(1);
+        for _ in 0..depth {
+            v = Value::Array(vec![v]);
+        }
+        v
+    }
+
+    #[test]
+    fn encoder_refuses_values_nested_deeper_than_its_limit() {
+        let deep = nested_arrays(ENCODE_MAX_DEPTH + 10);
+        assert!(matches!(
+            encode(&deep),
+            Err(FobsError::EncodeDepthExceeded { .. })
+        ));
+        assert!(matches!(
+            encode_value(&deep),
+            Err(FobsError::EncodeDepthExceeded { .. })
+        ));
+        assert!(matches!(
+            msgpack::encode(&deep),
+            Err(FobsError::EncodeDepthExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn the_deepest_decodable_value_encodes_back() {
+        let mut s = Shareable::new();
+        s.insert("deep", nested_arrays(DEFAULT_MAX_DEPTH - 2));
+        let bytes = encode(&Value::from(s)).unwrap();
+        let p = decode(bytes.clone()).unwrap();
+        assert_eq!(
+            encode_payload(&p, &EncodeOptions::default()).unwrap(),
+            bytes
+        );
+    }
+
+    #[test]
+    fn datums_follow_python_creation_order() {
+        // Python externalizes the Shareable's own leaves first, then the nested array's .npy
+        let array = NdArray::from_u8(&[40], &[9u8; 40]).unwrap();
+        let mut s = Shareable::new();
+        s.insert("a", array.clone());
+        s.insert("b", Bytes::from(vec![1u8; 50]));
+        s.insert("c", vec![Value::from("x".repeat(60))]);
+        let bytes = encode_with(&Value::from(s.clone()), &small(32)).unwrap();
+        let sections = lobs::split(&bytes).unwrap();
+        let kinds: Vec<(DatumKind, usize)> = sections
+            .datums
+            .iter()
+            .map(|d| (d.kind, d.content.len()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (DatumKind::Blob, 50),
+                (DatumKind::Text, 60),
+                (DatumKind::Blob, array.npy().len())
+            ]
+        );
+        let p = decode(bytes.clone()).unwrap();
+        assert_eq!(p.value, Value::from(s));
+        assert_eq!(p.datum_ids.len(), 3);
+        assert_eq!(encode_payload(&p, &small(32)).unwrap(), bytes);
+    }
+
+    #[test]
+    fn root_plain_values_are_never_externalized() {
+        let mut m = Map::new();
+        m.insert("big", Bytes::from(vec![0u8; 100]));
+        let bytes = encode_with(&Value::Map(m), &small(10)).unwrap();
+        assert!(lobs::split(&bytes).unwrap().datums.is_empty());
+    }
+
+    #[test]
+    fn str_threshold_counts_characters_like_python() {
+        let mut s = Shareable::new();
+        // 20 characters, 40 bytes
+        s.insert("t", "é".repeat(20));
+        let v = Value::from(s);
+        assert!(lobs::split(&encode_with(&v, &small(21)).unwrap())
+            .unwrap()
+            .datums
+            .is_empty());
+        assert_eq!(
+            lobs::split(&encode_with(&v, &small(20)).unwrap())
+                .unwrap()
+                .datums
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn datum_ids_are_reused_in_order_then_fresh() {
+        let mut s = Shareable::new();
+        s.insert("a", Bytes::from(vec![1u8; 8]));
+        s.insert("b", Bytes::from(vec![2u8; 8]));
+        let opts = EncodeOptions {
+            max_value_size: 8,
+            datum_ids: Some(vec![Uuid::from_u128(42)]),
+        };
+        let sections = lobs::split(&encode_with(&Value::from(s), &opts).unwrap()).unwrap();
+        assert_eq!(sections.datums[0].id, Uuid::from_u128(42));
+        assert_ne!(sections.datums[1].id, Uuid::from_u128(42));
+        assert_eq!(sections.datums[1].id.get_version_num(), 4);
+    }
+
+    #[test]
+    fn zero_max_value_size_is_an_invalid_option() {
+        assert!(matches!(
+            encode_with(&Value::Nil, &small(0)),
+            Err(FobsError::InvalidOption(_))
+        ));
+    }
+
+    /// Encode `data` under a tag, decode it, and check it stays tagged and re-encodes exactly.
+    fn stays_tagged(type_name: &str, dc: &str, data: Value) {
+        let t = Value::Tagged(Box::new(Tagged {
+            type_name: type_name.to_owned(),
+            decomposer: dc.to_owned(),
+            data,
+        }));
+        let bytes = encode_value(&t).unwrap();
+        let back = decode_value(bytes.clone()).unwrap();
+        assert_eq!(back, t, "{type_name}");
+        assert_eq!(encode_value(&back).unwrap(), bytes);
+    }
+
+    #[test]
+    fn known_tags_with_unexpected_shapes_stay_tagged_and_round_trip() {
+        stays_tagged(type_name::TUPLE, decomposer::TUPLE, Value::from(1));
+        stays_tagged(type_name::TUPLE, decomposer::SET, Value::Array(vec![]));
+        stays_tagged(type_name::SET, decomposer::SET, Value::map());
+        // a Shareable without __headers__, with a non-str key, with a duplicate key
+        let mut m = Map::new();
+        m.insert("x", 1);
+        stays_tagged(
+            type_name::SHAREABLE,
+            decomposer::DICT,
+            Value::Map(m.clone()),
+        );
+        m.insert("__headers__", Value::map());
+        m.insert(1, 2);
+        stays_tagged(type_name::SHAREABLE, decomposer::DICT, Value::Map(m));
+        let dup = Map::from_pairs(vec![
+            (Value::from("__headers__"), Value::map()),
+            (Value::from("__headers__"), Value::map()),
+        ]);
+        stays_tagged(type_name::SHAREABLE, decomposer::DICT, Value::Map(dup));
+        // a context prop with a mask out of range, or keys in the other order
+        let prop = |a: &str, b: &str, mask: u64| {
+            let mut p = Map::new();
+            p.insert(a, "v");
+            p.insert(b, mask);
+            let mut props = Map::new();
+            props.insert("k", p);
+            Value::Array(vec![Value::Nil, Value::Map(props)])
+        };
+        stays_tagged(
+            type_name::FL_CONTEXT,
+            decomposer::CONTEXT,
+            prop("value", "mask", 300),
+        );
+        stays_tagged(
+            type_name::FL_CONTEXT,
+            decomposer::CONTEXT,
+            prop("mask", "value", 0),
+        );
+        // an array download reference, and invalid .npy bytes
+        let mut r = Map::new();
+        r.insert("type", "ref");
+        r.insert("data", "T0");
+        stays_tagged(type_name::NDARRAY, decomposer::NUMPY_ARRAY, Value::Map(r));
+        let mut n = Map::new();
+        n.insert("type", "native");
+        n.insert("data", Bytes::from_static(b"not npy"));
+        stays_tagged(type_name::NDARRAY, decomposer::NUMPY_ARRAY, Value::Map(n));
+        // a datum reference outside a container
+        stays_tagged(
+            type_name::DATUM_REF,
+            decomposer::DATA_CLASS,
+            tags::datum_ref_value(&Uuid::nil()).data,
+        );
+    }
+
+    #[test]
+    fn typed_values_round_trip_through_their_tags() {
+        let mut ctx = PeerContext::default();
+        ctx.set("__identity_name__", "site-1");
+        ctx.props.push((
+            "sticky".to_owned(),
+            fedrun_core::peer_context::ContextProp {
+                value: Value::from(3),
+                mask: 1,
+            },
+        ));
+        let mut s = Shareable::new();
+        s.insert("t", Value::Tuple(vec![Value::from(1)]));
+        s.insert("s", Value::Set(vec![Value::from("a")]));
+        s.insert("a", NdArray::from_bool(&[2], &[true, false]).unwrap());
+        s.insert("c", ctx);
+        s.insert(
+            "e",
+            Value::enum_member("nvflare.apis.dxo.DataKind", "WEIGHTS"),
+        );
+        s.insert("f32", Value::F32(0.5));
+        s.insert("x", Value::Ext(3, Bytes::from_static(b"abc")));
+        let v = Value::from(s);
+        let p = decode(encode(&v).unwrap()).unwrap();
+        assert_eq!(p.value, v);
+    }
+
+    #[test]
+    fn a_map_that_only_resembles_a_tag_stays_a_plain_map() {
+        let mut m = Map::new();
+        m.insert(tags::FOBS_DATA, 1);
+        m.insert(tags::FOBS_TYPE, "tuple");
+        m.insert(tags::FOBS_DC, decomposer::TUPLE);
+        let v = Value::Map(m);
+        assert_eq!(decode_value(encode_value(&v).unwrap()).unwrap(), v);
+        let mut m = Map::new();
+        m.insert(tags::FOBS_TYPE, 5);
+        m.insert(tags::FOBS_DATA, 1);
+        m.insert(tags::FOBS_DC, "x");
+        let v = Value::Map(m);
+        assert_eq!(decode_value(encode_value(&v).unwrap()).unwrap(), v);
+    }
+
+    #[test]
+    fn unreferenced_and_download_datums_are_kept_and_written_back() {
+        let mut out = Vec::new();
+        let main = encode_value(&Value::from("x")).unwrap();
+        lobs::write_section_header(&mut out, lobs::MARKER_MAIN, 0, main.len() as u64);
+        out.extend_from_slice(&main);
+        let download = Datum {
+            kind: DatumKind::Text,
+            dot: 3,
+            id: Uuid::from_u128(1),
+            content: Bytes::from_static(b"{\"fqcn\": \"server\"}"),
+        };
+        let file = Datum {
+            kind: DatumKind::File,
+            dot: 0,
+            id: Uuid::from_u128(2),
+            content: Bytes::from_static(b"file"),
+        };
+        lobs::write_datum(&mut out, &download);
+        lobs::write_datum(&mut out, &file);
+        let p = decode(Bytes::from(out.clone())).unwrap();
+        assert_eq!(p.extra_datums, vec![download, file]);
+        assert!(p.datum_ids.is_empty());
+        assert_eq!(encode_payload(&p, &EncodeOptions::default()).unwrap(), out);
+    }
 }

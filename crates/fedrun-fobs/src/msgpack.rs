@@ -157,7 +157,7 @@ impl Decoder {
 
     /// Read the next value, passing every map to `hook`.
     pub(crate) fn read_value_with<H: MapHook>(&mut self, hook: &mut H) -> Result<Value, FobsError> {
-        self.read(hook, 0)
+        self.read(hook)
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], FobsError> {
@@ -236,48 +236,93 @@ impl Decoder {
         Ok(())
     }
 
-    fn enter(&self, depth: usize, start: usize) -> Result<usize, FobsError> {
-        if depth >= self.max_depth {
+    fn open(
+        &self,
+        stack: &[Frame],
+        kind: Open,
+        n: usize,
+        start: usize,
+    ) -> Result<Frame, FobsError> {
+        if stack.len() >= self.max_depth {
             return Err(FobsError::DepthExceeded {
                 limit: self.max_depth,
                 offset: start,
             });
         }
-        Ok(depth + 1)
+        Ok(match kind {
+            Open::Array => {
+                self.check_count(n, 1, start)?;
+                Frame::Array {
+                    items: Vec::with_capacity(n),
+                    left: n,
+                }
+            }
+            Open::Map => {
+                self.check_count(n, 2, start)?;
+                Frame::Map {
+                    pairs: Vec::with_capacity(n),
+                    key: None,
+                    left: n,
+                    start,
+                }
+            }
+        })
     }
 
-    fn array<H: MapHook>(
-        &mut self,
-        n: usize,
-        start: usize,
-        hook: &mut H,
-        depth: usize,
-    ) -> Result<Value, FobsError> {
-        let inner = self.enter(depth, start)?;
-        self.check_count(n, 1, start)?;
-        let mut items = Vec::with_capacity(n);
-        for _ in 0..n {
-            items.push(self.read(hook, inner)?);
+    /// Iterative (explicit stack), so that nesting costs heap, not call stack.
+    fn read<H: MapHook>(&mut self, hook: &mut H) -> Result<Value, FobsError> {
+        let mut stack: Vec<Frame> = Vec::new();
+        loop {
+            let start = self.pos;
+            let mut value = match self.read_head()? {
+                Head::Value(v) => v,
+                Head::Open(kind, n) => {
+                    let frame = self.open(&stack, kind, n, start)?;
+                    match frame {
+                        Frame::Array { left: 0, .. } => Value::Array(Vec::new()),
+                        Frame::Map { left: 0, .. } => hook.finish_map(Map::new(), start)?,
+                        frame => {
+                            stack.push(frame);
+                            continue;
+                        }
+                    }
+                }
+            };
+            // hand the value to its container; close every container it completes
+            loop {
+                match stack.last_mut() {
+                    None => return Ok(value),
+                    Some(Frame::Array { items, left }) => {
+                        items.push(value);
+                        *left -= 1;
+                        if *left > 0 {
+                            break;
+                        }
+                        value = Value::Array(std::mem::take(items));
+                        stack.pop();
+                    }
+                    Some(Frame::Map {
+                        pairs,
+                        key,
+                        left,
+                        start,
+                    }) => {
+                        let Some(k) = key.take() else {
+                            *key = Some(value);
+                            break;
+                        };
+                        pairs.push((k, value));
+                        *left -= 1;
+                        if *left > 0 {
+                            break;
+                        }
+                        let (pairs, start) = (std::mem::take(pairs), *start);
+                        stack.pop();
+                        value = hook.finish_map(Map::from_pairs(pairs), start)?;
+                    }
+                }
+            }
         }
-        Ok(Value::Array(items))
-    }
-
-    fn map<H: MapHook>(
-        &mut self,
-        n: usize,
-        start: usize,
-        hook: &mut H,
-        depth: usize,
-    ) -> Result<Value, FobsError> {
-        let inner = self.enter(depth, start)?;
-        self.check_count(n, 2, start)?;
-        let mut pairs = Vec::with_capacity(n);
-        for _ in 0..n {
-            let k = self.read(hook, inner)?;
-            let v = self.read(hook, inner)?;
-            pairs.push((k, v));
-        }
-        hook.finish_map(Map::from_pairs(pairs), start)
     }
 
     fn ext(&mut self, len: usize, start: usize) -> Result<Value, FobsError> {
@@ -286,14 +331,15 @@ impl Decoder {
         Ok(Value::Ext(tag, data))
     }
 
-    fn read<H: MapHook>(&mut self, hook: &mut H, depth: usize) -> Result<Value, FobsError> {
+    /// One scalar, or the header of a container.
+    fn read_head(&mut self) -> Result<Head, FobsError> {
         let start = self.pos;
         let m = self.u8()?;
-        Ok(match m {
+        let v = match m {
             0x00..=0x7f => Value::Int(Integer::from(m)),
-            0x80..=0x8f => return self.map(usize::from(m & 0x0f), start, hook, depth),
-            0x90..=0x9f => return self.array(usize::from(m & 0x0f), start, hook, depth),
-            0xa0..=0xbf => return self.string(usize::from(m & 0x1f), start),
+            0x80..=0x8f => return Ok(Head::Open(Open::Map, usize::from(m & 0x0f))),
+            0x90..=0x9f => return Ok(Head::Open(Open::Array, usize::from(m & 0x0f))),
+            0xa0..=0xbf => self.string(usize::from(m & 0x1f), start)?,
             0xc0 => Value::Nil,
             0xc1 => return Err(FobsError::ReservedMarker { offset: start }),
             0xc2 => Value::Bool(false),
@@ -312,15 +358,15 @@ impl Decoder {
             }
             0xc7 => {
                 let n = self.len8()?;
-                return self.ext(n, start);
+                self.ext(n, start)?
             }
             0xc8 => {
                 let n = self.len16()?;
-                return self.ext(n, start);
+                self.ext(n, start)?
             }
             0xc9 => {
                 let n = self.len32()?;
-                return self.ext(n, start);
+                self.ext(n, start)?
             }
             0xca => Value::F32(f32::from_be_bytes(self.be()?)),
             0xcb => Value::F64(f64::from_be_bytes(self.be()?)),
@@ -332,42 +378,57 @@ impl Decoder {
             0xd1 => Value::Int(Integer::from(i16::from_be_bytes(self.be()?))),
             0xd2 => Value::Int(Integer::from(i32::from_be_bytes(self.be()?))),
             0xd3 => Value::Int(Integer::from(i64::from_be_bytes(self.be()?))),
-            0xd4 => return self.ext(1, start),
-            0xd5 => return self.ext(2, start),
-            0xd6 => return self.ext(4, start),
-            0xd7 => return self.ext(8, start),
-            0xd8 => return self.ext(16, start),
+            0xd4 => self.ext(1, start)?,
+            0xd5 => self.ext(2, start)?,
+            0xd6 => self.ext(4, start)?,
+            0xd7 => self.ext(8, start)?,
+            0xd8 => self.ext(16, start)?,
             0xd9 => {
                 let n = self.len8()?;
-                return self.string(n, start);
+                self.string(n, start)?
             }
             0xda => {
                 let n = self.len16()?;
-                return self.string(n, start);
+                self.string(n, start)?
             }
             0xdb => {
                 let n = self.len32()?;
-                return self.string(n, start);
+                self.string(n, start)?
             }
-            0xdc => {
-                let n = self.len16()?;
-                return self.array(n, start, hook, depth);
-            }
-            0xdd => {
-                let n = self.len32()?;
-                return self.array(n, start, hook, depth);
-            }
-            0xde => {
-                let n = self.len16()?;
-                return self.map(n, start, hook, depth);
-            }
-            0xdf => {
-                let n = self.len32()?;
-                return self.map(n, start, hook, depth);
-            }
+            0xdc => return Ok(Head::Open(Open::Array, self.len16()?)),
+            0xdd => return Ok(Head::Open(Open::Array, self.len32()?)),
+            0xde => return Ok(Head::Open(Open::Map, self.len16()?)),
+            0xdf => return Ok(Head::Open(Open::Map, self.len32()?)),
             0xe0..=0xff => Value::Int(Integer::from(i8::from_be_bytes([m]))),
-        })
+        };
+        Ok(Head::Value(v))
     }
+}
+
+/// What [`Decoder::read_head`] found.
+enum Head {
+    Value(Value),
+    Open(Open, usize),
+}
+
+#[derive(Clone, Copy)]
+enum Open {
+    Array,
+    Map,
+}
+
+/// A container being filled by the iterative decoder.
+enum Frame {
+    Array {
+        items: Vec<Value>,
+        left: usize,
+    },
+    Map {
+        pairs: Vec<(Value, Value)>,
+        key: Option<Value>,
+        left: usize,
+        start: usize,
+    },
 }
 
 /// Where the writer puts bytes: a `Vec<u8>`, or a [`ByteCounter`] that only measures.
@@ -585,38 +646,33 @@ pub fn write_ext<S: Sink>(s: &mut S, tag: i8, data: &[u8]) -> Result<(), FobsErr
 }
 
 /// Write a msgpack-native value, or fail with [`FobsError::NotMsgpackNative`] on a FOBS object.
-/// `depth` is how many more levels of nesting are allowed.
-pub fn write_native<S: Sink>(s: &mut S, v: &Value, depth: usize) -> Result<(), FobsError> {
-    match v {
-        Value::Array(items) => {
-            let inner = depth_below(depth)?;
-            write_array_len(s, items.len())?;
-            for item in items {
-                write_native(s, item, inner)?;
-            }
-            Ok(())
+/// At most `limit` levels of nesting are written ([`FobsError::EncodeDepthExceeded`] beyond).
+pub fn write_native<S: Sink>(s: &mut S, v: &Value, limit: usize) -> Result<(), FobsError> {
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        if depth >= limit {
+            return Err(FobsError::EncodeDepthExceeded { limit });
         }
-        Value::Map(m) => {
-            let inner = depth_below(depth)?;
-            write_map_len(s, m.len())?;
-            for (k, item) in m.iter() {
-                write_native(s, k, inner)?;
-                write_native(s, item, inner)?;
+        match v {
+            Value::Array(items) => {
+                write_array_len(s, items.len())?;
+                stack.extend(items.iter().rev().map(|item| (item, depth + 1)));
             }
-            Ok(())
+            Value::Map(m) => {
+                write_map_len(s, m.len())?;
+                for (k, item) in m.as_pairs().iter().rev() {
+                    stack.push((item, depth + 1));
+                    stack.push((k, depth + 1));
+                }
+            }
+            other => {
+                if !write_scalar(s, other)? {
+                    return Err(FobsError::NotMsgpackNative(other.kind()));
+                }
+            }
         }
-        other => match write_scalar(s, other)? {
-            true => Ok(()),
-            false => Err(FobsError::NotMsgpackNative(other.kind())),
-        },
     }
-}
-
-/// One level of nesting deeper, or [`FobsError::EncodeDepthExceeded`].
-pub(crate) fn depth_below(depth: usize) -> Result<usize, FobsError> {
-    depth.checked_sub(1).ok_or(FobsError::EncodeDepthExceeded {
-        limit: ENCODE_MAX_DEPTH,
-    })
+    Ok(())
 }
 
 /// Write a scalar (nil, bool, int, float, str, bin, ext). Returns false, writing nothing, for

@@ -319,8 +319,8 @@ fn prop_parts(p: &Value) -> Option<u8> {
     }
 }
 
-/// The bytes a datum reference to `id` encodes to is fixed apart from the id; this is the map
-/// that stands for it (used by the encoder).
+/// The tagged object a datum reference to `id` is (the encoder writes it directly; tests build it).
+#[cfg(test)]
 pub(crate) fn datum_ref_value(id: &Uuid) -> Tagged {
     let mut inner = Map::with_capacity(2);
     inner.insert("datum_id", id.hyphenated().to_string());
