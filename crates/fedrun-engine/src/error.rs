@@ -69,6 +69,38 @@ pub enum EngineError {
         /// Which actor.
         actor: &'static str,
     },
+    /// An aux topic was empty (registration or send).
+    #[error("topic must not be empty")]
+    EmptyTopic,
+    /// An aux message handler is already registered for this topic (no replacement).
+    #[error("handler already registered for topic {0}")]
+    DuplicateAuxHandler(String),
+    /// An aux target name is neither a reserved word nor a known job client; nothing was sent.
+    #[error("invalid target {0}: not server, server_parent or a job client")]
+    UnknownTarget(String),
+    /// `@ALL` was asked for before the job clients were loaded (spec §6 #20).
+    #[error("job clients are not loaded yet: @ALL cannot be resolved")]
+    JobClientsNotLoaded,
+    /// The engine's process type is none of `CP`, `SP`, `CJ`, `SJ`, so target cells cannot be
+    /// named.
+    #[error("invalid process_type {0}")]
+    InvalidProcessType(String),
+    /// A target's cell name is not a valid FQCN.
+    #[error("invalid target FQCN '{fqcn}': {reason}")]
+    InvalidTargetFqcn {
+        /// The cell name that was built.
+        fqcn: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The engine's cell is stopped or did not accept a message in time.
+    #[error("cell {fqcn} unavailable: {reason}")]
+    CellUnavailable {
+        /// The cell's name.
+        fqcn: String,
+        /// What happened.
+        reason: String,
+    },
     /// An error of the data model.
     #[error(transparent)]
     Core(#[from] CoreError),

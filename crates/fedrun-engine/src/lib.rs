@@ -45,12 +45,22 @@
 //! });
 //! ```
 
+// The module is `aux` (the facade imports `crate::aux`), but its files live in `aux_runner/`:
+// `aux` is a reserved file name on Windows, where a checkout with an `aux` path fails.
+#[path = "aux_runner/mod.rs"]
+pub mod aux;
 pub mod component;
 pub mod error;
 pub mod event;
 pub mod registry;
 pub mod run_info;
 
+pub use aux::{
+    aux_handler, aux_timeout_secs, AuxConfig, AuxHandler, AuxHandlerFn, AuxReplies, AuxRequest,
+    AuxRunner, AuxTargets, DispatchAuxRequest, FireAndForgetAuxRequest, GetClientFromName,
+    GetClients, GetJobClients, MulticastAuxRequests, RegisterAuxMessageHandler, SendAuxRequest,
+    ValidateTargets,
+};
 pub use component::{
     async_handler_fn, handler_fn, AsyncFnHandler, Component, ComponentRef, EventHandler, FnHandler,
 };
