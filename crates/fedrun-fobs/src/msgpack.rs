@@ -216,11 +216,20 @@ impl Decoder {
     }
 
     fn string(&mut self, len: usize, start: usize) -> Result<Value, FobsError> {
-        let b = self.slice(len, start)?;
-        match std::str::from_utf8(&b) {
-            Ok(s) => Ok(Value::Str(s.to_owned())),
-            Err(_) => Err(FobsError::InvalidUtf8 { offset: start }),
+        if len > self.remaining() {
+            return Err(FobsError::LengthPastEnd {
+                offset: start,
+                claimed: len as u64,
+                remaining: self.remaining(),
+            });
         }
+        let bytes = &self.buf[self.pos..self.pos + len];
+        let text = match std::str::from_utf8(bytes) {
+            Ok(s) => s.to_owned(),
+            Err(_) => return Err(FobsError::InvalidUtf8 { offset: start }),
+        };
+        self.pos += len;
+        Ok(Value::Str(text))
     }
 
     /// Each element takes at least `min_bytes` bytes: refuse counts the input cannot hold, so
