@@ -10,8 +10,7 @@
 //! - the job clients loaded from the job meta ([`GetJobClients`], swapped atomically, §6 #21) and
 //!   the queries on them ([`ValidateTargets`], [`GetClientFromName`], [`GetClients`]);
 //! - the one cell request handler (channel `aux_communication`, topic `*`) through which every
-//!   incoming aux message reaches [`DispatchAuxRequest`] (checks in [`dispatch`](self) order:
-//!   see the `dispatch` module doc);
+//!   incoming aux message reaches [`DispatchAuxRequest`] (its doc lists the checks, in order);
 //! - outgoing requests: [`SendAuxRequest`] (unicast / broadcast), [`MulticastAuxRequests`] (a
 //!   different request per target, which works with a timeout unlike NVFlare, §6 #6) and
 //!   [`FireAndForgetAuxRequest`].
@@ -406,7 +405,23 @@ impl Handler<RegisterAuxMessageHandler> for AuxRunner {
 /// One incoming aux message (what the cell handler sends; NVFlare's `dispatch`, spec §1.6, §2.3).
 ///
 /// Replies with the Shareable to send back: the handler's reply, or an error reply whose return
-/// code says which check failed. Never fails; the handler runs outside the mailbox.
+/// code says which check failed. Never fails; the handler runs outside the mailbox. Checks, in
+/// order:
+///
+/// 1. the payload is not a Shareable → `BAD_REQUEST_DATA`;
+/// 2. peer props present but not a map → `BAD_PEER_CONTEXT` (NVFlare crashes instead, §6 #22);
+/// 3. no handler for the topic → `TOPIC_UNKNOWN`;
+/// 4. peer props missing or empty → `MISSING_PEER_CONTEXT`;
+/// 5. only with [`AuxConfig::check_run_mismatch`] (§6 #40): the peer's `__run_num__` absent or
+///    another job's → `RUN_MISMATCH`;
+/// 6. the handler fails, panics, or its actor is gone → `HANDLER_EXCEPTION` (the runner keeps
+///    serving);
+/// 7. otherwise the handler's reply.
+///
+/// Each failure is logged with job, site, topic and origin, and reported to the run
+/// ([`ReportError`] in group [`AUX_ERROR_GROUP`], key [`AUX_ERROR_KEY`]). The request's cookie
+/// jar, when non-empty, is copied onto the reply (error replies too), and the reply gets this
+/// site's public props as its peer context unless the handler set one.
 #[derive(Debug, Message)]
 #[rtype(result = "Shareable")]
 pub struct DispatchAuxRequest {
@@ -528,11 +543,12 @@ impl Handler<SendAuxRequest> for AuxRunner {
             "SendAuxRequest(topic {:?} to {:?}, timeout {:?})",
             msg.topic, msg.targets, msg.timeout
         ));
-        let planned = (!msg.topic.is_empty())
-            .then_some(())
-            .ok_or(EngineError::EmptyTopic)
-            .and_then(|()| targets::resolve(&msg.targets, self.directory.as_ref(), &self.site))
-            .and_then(|t| self.plan(t));
+        let planned = if msg.topic.is_empty() {
+            Err(EngineError::EmptyTopic)
+        } else {
+            targets::resolve(&msg.targets, self.directory.as_ref(), &self.site)
+                .and_then(|t| self.plan(t))
+        };
         let targets = match planned {
             Ok(t) => t,
             Err(e) => return Box::pin(async move { Err(e) }),
