@@ -101,6 +101,15 @@ pub enum EngineError {
         /// What happened.
         reason: String,
     },
+    /// A stream's producer failed, panicked or returned a zero timeout; the receivers were told
+    /// the stream ended with `EXECUTION_EXCEPTION`.
+    #[error("stream {tx_id}: {reason}")]
+    StreamProducerFailed {
+        /// The stream's transaction id.
+        tx_id: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// An error of the data model.
     #[error(transparent)]
     Core(#[from] CoreError),

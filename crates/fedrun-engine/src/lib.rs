@@ -54,6 +54,7 @@ pub mod error;
 pub mod event;
 pub mod registry;
 pub mod run_info;
+pub mod stream;
 
 pub use aux::{
     aux_handler, aux_timeout_secs, AuxConfig, AuxHandler, AuxHandlerFn, AuxReplies, AuxRequest,
@@ -74,4 +75,7 @@ pub use registry::{
 pub use run_info::{
     AbortRun, ErrorReport, GetAbortSignal, GetRunInfo, MarkRunStarted, NewContext, ReportError,
     ResetErrors, RunInfo, RunInfoConfig, SetCurrentTask, ShowErrors,
+};
+pub use stream::{
+    RegisterStreamProcessing, StreamConfig, StreamObjects, StreamOutcome, StreamProcessor,
 };
