@@ -2,46 +2,46 @@
 //!
 //! NVFlare's engine is one object that owns everything a client job needs. fedrun splits it into
 //! actors, each the single owner of one part of that state, so that no lock is shared and each
-//! part can be tested alone:
+//! part can be tested alone, and puts NVFlare's single point of contact back in front of them:
 //!
 //! | actor | owns | module |
 //! |---|---|---|
+//! | [`ClientRunManager`] | nothing: forwards one message type per engine method to its owner | [`facade`] |
 //! | [`RunInfo`] | the run info (job id, current task, start time), the context manager, the error log, the run's abort signal | [`run_info`] |
 //! | [`ComponentRegistry`] | components, event handlers, widgets, component factories and the build authorizer; event firing | [`registry`] |
+//! | [`AuxRunner`] | aux handlers, target resolution, the job-client directory; aux requests in and out | [`aux`] |
+//! | [`StreamProcessor`] | consumer factories, receiving streams, sending streams | [`stream`] |
 //!
-//! The other parts come next, on top of these two: the aux runner (aux messages in and out), the
-//! object streamer, the task fetcher, and a thin `ClientRunManager` facade actor that forwards
-//! one message per NVFlare engine method.
+//! [`ClientEngine::builder`] starts them all, with the job's cell, and returns an
+//! [`EngineHandle`]: one async method per engine call, for users who would rather not build
+//! messages ([`handle`]). Supporting modules: [`component`] (the [`Component`] and
+//! [`EventHandler`] traits and [`ComponentRef`]), [`event`] (the event fan-out, spec §2.7) and
+//! [`error`] ([`EngineError`]). The repository's `docs/architecture.md` and
+//! `docs/runtime-semantics.md` describe the path of a message and the runtime guarantees.
 //!
-//! Supporting modules: [`component`] (the [`Component`] and [`EventHandler`] traits and
-//! [`ComponentRef`]), [`event`] (the event fan-out, spec §2.7) and [`error`] ([`EngineError`]).
-//!
-//! # Example
+//! # Example: an engine inside your own actix System
 //! ```
-//! use actix::Actor;
-//! use fedrun_engine::{
-//!     handler_fn, AddComponent, ComponentRegistry, FireEvent, NewContext, RunInfo, RunInfoConfig,
-//! };
+//! use std::time::Duration;
+//! use fedrun_cell::Network;
+//! use fedrun_core::Shareable;
+//! use fedrun_engine::{aux_handler, AuxTargets, ClientEngine};
 //!
 //! actix::System::new().block_on(async {
-//!     let run = RunInfo::new(RunInfoConfig::new("site-1", "job-1")).start();
-//!     let registry = ComponentRegistry::new("job-1", "site-1")
-//!         .with_error_sink(run.clone().recipient())
-//!         .start();
-//!     let marker = handler_fn("marker", |event: &str, ctx: &mut fedrun_core::FlContext| {
-//!         ctx.put("seen", event, true, false);
-//!         Ok(())
-//!     });
-//!     let component = fedrun_engine::ComponentRef::from_arc(marker);
-//!     registry.send(AddComponent { id: "marker".into(), component }).await.unwrap().unwrap();
+//!     let network = Network::new(); // the in-process network: every cell of this process
+//!     let sites = ["site-1", "site-2"]; // the job's clients, as its job meta names them
+//!     let site1 = ClientEngine::builder("site-1", "job-1").job_clients(&sites);
+//!     let site1 = site1.start(&network).await.unwrap();
+//!     let site2 = ClientEngine::builder("site-2", "job-1").job_clients(&sites);
+//!     let site2 = site2.start(&network).await.unwrap();
+//!     let echo = aux_handler(|req| async move { Ok::<_, String>(req.request) });
+//!     site2.register_aux_message_handler("echo", echo).await.unwrap();
 //!
-//!     let ctx = run.send(NewContext).await.unwrap();
-//!     let ctx = registry
-//!         .send(FireEvent { event_type: "_start_run".into(), ctx })
-//!         .await
-//!         .unwrap()
-//!         .unwrap();
-//!     assert_eq!(ctx.get_prop("seen").unwrap().as_str(), Some("_start_run"));
+//!     let mut request = Shareable::new();
+//!     request.insert("x", 1);
+//!     let target = AuxTargets::Site("site-2".into());
+//!     let replies = site1.send_aux_request(target, "echo", request, Duration::from_secs(5));
+//!     let replies = replies.await.unwrap();
+//!     assert_eq!(replies["site-2"].get("x").and_then(|v| v.as_i64()), Some(1));
 //! });
 //! ```
 
@@ -52,6 +52,8 @@ pub mod aux;
 pub mod component;
 pub mod error;
 pub mod event;
+pub mod facade;
+pub mod handle;
 pub mod registry;
 pub mod run_info;
 pub mod stream;
@@ -67,6 +69,8 @@ pub use component::{
 };
 pub use error::EngineError;
 pub use event::{fire_event, EVENT_SCOPE_LOCAL, MAX_EVENT_DEPTH};
+pub use facade::{AbortApp, ClientRunManager, EngineActors, Forwarded, StopEngine};
+pub use handle::{ClientEngine, ClientEngineBuilder, EngineHandle};
 pub use registry::{
     factory, AddComponent, AddHandler, AddWidget, BuildArgs, BuildAuthorizer, BuildComponent,
     ComponentFactory, ComponentRegistry, FireEvent, GetAllComponents, GetComponent,

@@ -1,0 +1,393 @@
+//! Starting an engine, and talking to it without building messages.
+//!
+//! [`ClientEngine::builder`] starts everything one client job needs — the job's cell on a
+//! transport, then `RunInfo`, `ComponentRegistry`, `AuxRunner` and the `ClientRunManager` facade —
+//! and returns an [`EngineHandle`]. The handle is a cheap, cloneable, typed front for the facade:
+//! one async method per engine call, each returning `Result<_, EngineError>`, so users never touch
+//! actix's `MailboxError`. Users who prefer messages use [`EngineHandle::addr`] or
+//! [`EngineHandle::send`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use fedrun_cell::{AbortSignal, Cell, CellHandle, Fqcn, Network, Transport};
+use fedrun_core::{Client, ClientRunInfo, FlContext, Map, Shareable, Value};
+
+use crate::aux::{
+    AuxConfig, AuxHandler, AuxReplies, AuxRunner, AuxTargets, FireAndForgetAuxRequest,
+    GetJobClients, MulticastAuxRequests, RegisterAuxMessageHandler, SendAuxRequest,
+    ValidateTargets,
+};
+use crate::component::{ComponentRef, EventHandler};
+use crate::error::EngineError;
+use crate::facade::{AbortApp, ClientRunManager, EngineActors, StopEngine};
+use crate::registry::{
+    AddComponent, AddHandler, BuildComponent, ComponentRegistry, FireEvent, GetAllComponents,
+    GetComponent,
+};
+use crate::run_info::{
+    ErrorReport, GetAbortSignal, GetRunInfo, NewContext, ResetErrors, RunInfo, RunInfoConfig,
+    ShowErrors,
+};
+use crate::stream::{
+    ConsumerFactory, ObjectProducer, RegisterStreamProcessing, StreamConfig, StreamObjects,
+    StreamOutcome, StreamProcessor,
+};
+
+/// Starts client job engines: see [`ClientEngine::builder`].
+pub struct ClientEngine;
+
+impl ClientEngine {
+    /// A builder for the engine of job `job_id` at site `client_name`.
+    pub fn builder(client_name: &str, job_id: &str) -> ClientEngineBuilder {
+        ClientEngineBuilder {
+            run_info: RunInfoConfig::new(client_name, job_id),
+            check_run_mismatch: false,
+        }
+    }
+}
+
+/// Configuration of a client job engine before it starts.
+///
+/// # Example
+/// ```
+/// use fedrun_cell::Network;
+/// use fedrun_core::Value;
+/// use fedrun_engine::ClientEngine;
+///
+/// actix::System::new().block_on(async {
+///     let network = Network::new();
+///     let engine = ClientEngine::builder("site-1", "job-1").start(&network).await.unwrap();
+///     assert_eq!(engine.get_run_info().await.unwrap().job_id, "job-1");
+///     assert!(engine.show_errors().await.unwrap().is_none());
+/// });
+/// ```
+pub struct ClientEngineBuilder {
+    run_info: RunInfoConfig,
+    check_run_mismatch: bool,
+}
+
+impl ClientEngineBuilder {
+    /// The client args (`fqsn`, `is_leaf`, ...), as NVFlare's `client.client_args`.
+    pub fn client_config(mut self, config: Map) -> Self {
+        self.run_info = self.run_info.with_client_config(config);
+        self
+    }
+
+    /// The job meta (`job_clients`, ...); its clients are loaded at start, as NVFlare's job
+    /// process does before the runner starts.
+    pub fn job_meta(mut self, meta: Value) -> Self {
+        self.run_info = self.run_info.with_job_meta(meta);
+        self
+    }
+
+    /// Shorthand for a job meta whose `job_clients` are plain sites with these names.
+    pub fn job_clients(self, names: &[&str]) -> Self {
+        let clients: Vec<Value> = names
+            .iter()
+            .map(|n| Value::Map([("name", Value::from(*n))].into_iter().collect()))
+            .collect();
+        let meta: Map = [("job_clients", Value::Array(clients))]
+            .into_iter()
+            .collect();
+        self.job_meta(Value::Map(meta))
+    }
+
+    /// Answer aux requests from peers of another job with `RUN_MISMATCH` (spec §6 #40; off by
+    /// default because NVFlare's parent processes have no job id).
+    pub fn check_run_mismatch(mut self, on: bool) -> Self {
+        self.check_run_mismatch = on;
+        self
+    }
+
+    /// Start the engine on the in-process `network`: its cell is `<client_name>.<job_id>`.
+    pub async fn start(self, network: &Network) -> Result<EngineHandle, EngineError> {
+        self.start_on(network.clone()).await
+    }
+
+    /// Start the engine on any cell transport.
+    pub async fn start_on<T: Transport>(self, transport: T) -> Result<EngineHandle, EngineError> {
+        let site = self.run_info.client_name.clone();
+        let job_id = self.run_info.job_id.clone();
+        let fqcn = Fqcn::job_cell(&site, &job_id).map_err(|e| EngineError::CellUnavailable {
+            fqcn: format!("{site}.{job_id}"),
+            reason: e.to_string(),
+        })?;
+        let cell =
+            Cell::start(fqcn.clone(), transport).map_err(|e| EngineError::CellUnavailable {
+                fqcn: fqcn.to_string(),
+                reason: e.to_string(),
+            })?;
+        let has_meta = self.run_info.job_meta.is_some();
+        let run_info = RunInfo::new(self.run_info).start();
+        let registry = ComponentRegistry::new(&job_id, &site)
+            .with_error_sink(run_info.clone().recipient())
+            .start();
+        let aux = AuxRunner::new(
+            AuxConfig::new(&site, &job_id, cell.clone(), run_info.clone())
+                .with_check_run_mismatch(self.check_run_mismatch),
+        )
+        .start();
+        let stream = StreamProcessor::start(StreamConfig::new(
+            &site,
+            &job_id,
+            aux.clone(),
+            run_info.clone(),
+        ))
+        .await?;
+        let actors = EngineActors {
+            run_info,
+            registry,
+            aux,
+            stream,
+        };
+        let facade = ClientRunManager::new(actors, &site, &job_id).start();
+        let handle = EngineHandle {
+            addr: facade,
+            cell,
+            site: Arc::from(site.as_str()),
+            job_id: Arc::from(job_id.as_str()),
+        };
+        if has_meta {
+            handle.get_job_clients().await?;
+        }
+        log::info!("[job={job_id} site={site}] client job engine started on cell {fqcn}");
+        Ok(handle)
+    }
+}
+
+/// A cloneable, typed handle on a running engine: one async method per engine call.
+///
+/// Every method sends one message to the `ClientRunManager` facade and waits for its reply; a
+/// stopped engine gives [`EngineError::ActorGone`].
+#[derive(Clone)]
+pub struct EngineHandle {
+    addr: Addr<ClientRunManager>,
+    cell: CellHandle,
+    site: Arc<str>,
+    job_id: Arc<str>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("site", &self.site)
+            .field("job_id", &self.job_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn gone(_: MailboxError) -> EngineError {
+    EngineError::ActorGone {
+        actor: "ClientRunManager",
+    }
+}
+
+impl EngineHandle {
+    /// The facade's raw address: it accepts every engine message.
+    pub fn addr(&self) -> &Addr<ClientRunManager> {
+        &self.addr
+    }
+
+    /// The job's cell (`<site>.<job_id>`).
+    pub fn cell(&self) -> &CellHandle {
+        &self.cell
+    }
+
+    /// This engine's site name.
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// This engine's job id.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// Send any engine message through the facade.
+    pub async fn send<M>(&self, msg: M) -> Result<M::Result, EngineError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        ClientRunManager: Handler<M>,
+    {
+        self.addr.send(msg).await.map_err(gone)
+    }
+
+    /// NVFlare's `get_run_info()`.
+    pub async fn get_run_info(&self) -> Result<ClientRunInfo, EngineError> {
+        self.send(GetRunInfo).await
+    }
+
+    /// NVFlare's `new_context()`.
+    pub async fn new_context(&self) -> Result<FlContext, EngineError> {
+        self.send(NewContext).await
+    }
+
+    /// NVFlare's `show_errors()` (fixed, spec §6 #1): the error log, `None` when empty.
+    pub async fn show_errors(&self) -> Result<Option<ErrorReport>, EngineError> {
+        self.send(ShowErrors).await
+    }
+
+    /// NVFlare's `reset_errors()` (fixed, spec §6 #1): clears the error log.
+    pub async fn reset_errors(&self) -> Result<(), EngineError> {
+        self.send(ResetErrors).await
+    }
+
+    /// The run's abort signal (triggered by [`EngineHandle::abort_app`]).
+    pub async fn abort_signal(&self) -> Result<AbortSignal, EngineError> {
+        self.send(GetAbortSignal).await
+    }
+
+    /// NVFlare's `abort_app(job_id)` (spec §6 #26): aborts this run if `job_id` is its job;
+    /// otherwise logs a warning. Returns whether the run was aborted.
+    pub async fn abort_app(&self, job_id: &str) -> Result<bool, EngineError> {
+        self.send(AbortApp {
+            job_id: job_id.to_owned(),
+        })
+        .await
+    }
+
+    /// NVFlare's `add_component(id, component)`.
+    pub async fn add_component(
+        &self,
+        id: &str,
+        component: ComponentRef,
+    ) -> Result<(), EngineError> {
+        self.send(AddComponent {
+            id: id.to_owned(),
+            component,
+        })
+        .await?
+    }
+
+    /// NVFlare's `get_component(id)`.
+    pub async fn get_component(&self, id: &str) -> Result<Option<ComponentRef>, EngineError> {
+        self.send(GetComponent { id: id.to_owned() }).await
+    }
+
+    /// NVFlare's `get_all_components()`, in insertion order.
+    pub async fn get_all_components(&self) -> Result<Vec<(String, ComponentRef)>, EngineError> {
+        self.send(GetAllComponents).await
+    }
+
+    /// NVFlare's `add_handler(h)`.
+    pub async fn add_handler(&self, handler: Arc<dyn EventHandler>) -> Result<(), EngineError> {
+        self.send(AddHandler { handler }).await
+    }
+
+    /// NVFlare's `fire_event(event_type, fl_ctx)`; returns the context as the handlers left it.
+    pub async fn fire_event(
+        &self,
+        event_type: &str,
+        ctx: FlContext,
+    ) -> Result<FlContext, EngineError> {
+        self.send(FireEvent {
+            event_type: event_type.to_owned(),
+            ctx,
+        })
+        .await?
+    }
+
+    /// NVFlare's `build_component(config_dict)`: `None` for a disabled or empty config.
+    pub async fn build_component(
+        &self,
+        config: serde_json::Value,
+    ) -> Result<Option<ComponentRef>, EngineError> {
+        self.send(BuildComponent { config }).await?
+    }
+
+    /// NVFlare's `register_aux_message_handler(topic, func)`.
+    pub async fn register_aux_message_handler(
+        &self,
+        topic: &str,
+        handler: impl Into<AuxHandler>,
+    ) -> Result<(), EngineError> {
+        self.send(RegisterAuxMessageHandler::new(topic, handler))
+            .await?
+    }
+
+    /// NVFlare's `send_aux_request(targets, topic, request, timeout)` with `optional` and
+    /// `secure` off; send a [`SendAuxRequest`] with [`EngineHandle::send`] for the others.
+    /// A zero timeout sends fire-and-forget and returns an empty map.
+    pub async fn send_aux_request(
+        &self,
+        targets: impl Into<AuxTargets>,
+        topic: &str,
+        request: Shareable,
+        timeout: Duration,
+    ) -> Result<AuxReplies, EngineError> {
+        self.send(SendAuxRequest::new(targets, topic, request, timeout))
+            .await?
+    }
+
+    /// NVFlare's `multicast_aux_requests(topic, {target: request}, timeout)`.
+    pub async fn multicast_aux_requests(
+        &self,
+        topic: &str,
+        requests: Vec<(String, Shareable)>,
+        timeout: Duration,
+    ) -> Result<AuxReplies, EngineError> {
+        self.send(MulticastAuxRequests::new(topic, requests, timeout))
+            .await?
+    }
+
+    /// NVFlare's `fire_and_forget_aux_request(topic, request)` (to the job's server).
+    pub async fn fire_and_forget_aux_request(
+        &self,
+        topic: &str,
+        request: Shareable,
+    ) -> Result<(), EngineError> {
+        self.send(FireAndForgetAuxRequest::new(topic, request))
+            .await?
+    }
+
+    /// NVFlare's `get_job_clients(fl_ctx)`: (re)loads the job's clients from the job meta.
+    pub async fn get_job_clients(&self) -> Result<Vec<Client>, EngineError> {
+        self.send(GetJobClients { job_meta: None }).await?
+    }
+
+    /// NVFlare's `validate_targets(names)`: `(valid, invalid)`, with the same name rule as
+    /// sending.
+    pub async fn validate_targets(
+        &self,
+        names: Vec<String>,
+    ) -> Result<(Vec<String>, Vec<String>), EngineError> {
+        self.send(ValidateTargets { names }).await
+    }
+
+    /// NVFlare's `register_stream_processing(channel, topic, factory)`: streams arriving on
+    /// (channel, topic) get a consumer from `factory`. Send a [`RegisterStreamProcessing`] with
+    /// [`EngineHandle::send`] to add `stream_done_cb` / `consumed_cb`.
+    pub async fn register_stream_processing(
+        &self,
+        channel: &str,
+        topic: &str,
+        factory: impl ConsumerFactory,
+    ) -> Result<(), EngineError> {
+        self.send(RegisterStreamProcessing::new(channel, topic, factory))
+            .await
+    }
+
+    /// NVFlare's `stream_objects(channel, topic, stream_ctx, targets, producer)` with an empty
+    /// stream context; send a [`StreamObjects`] with [`EngineHandle::send`] for the options.
+    pub async fn stream_objects(
+        &self,
+        channel: &str,
+        topic: &str,
+        targets: impl Into<AuxTargets>,
+        producer: impl ObjectProducer,
+    ) -> Result<StreamOutcome, EngineError> {
+        self.send(StreamObjects::new(channel, topic, targets, producer))
+            .await?
+    }
+
+    /// Stop the job's cell (peers then see it as unreachable) and the engine's actors.
+    pub async fn stop(&self) {
+        self.cell.stop().await;
+        // The facade holds the owners' only addresses: once it stops, each owner stops as soon
+        // as its mailbox is empty. An engine that is already gone has nothing left to stop.
+        let _ = self.addr.send(StopEngine).await;
+    }
+}
