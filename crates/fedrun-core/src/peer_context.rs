@@ -41,12 +41,18 @@ pub struct PeerContext {
 impl PeerContext {
     /// A prop's value.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.props.iter().find(|(k, _)| k == key).map(|(_, p)| &p.value)
+        self.props
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, p)| &p.value)
     }
 
     /// Set a public, non-sticky prop (replacing in place).
     pub fn set(&mut self, key: &str, value: impl Into<Value>) {
-        let prop = ContextProp { value: value.into(), mask: 0 };
+        let prop = ContextProp {
+            value: value.into(),
+            mask: 0,
+        };
         match self.props.iter_mut().find(|(k, _)| k == key) {
             Some(slot) => slot.1 = prop,
             None => self.props.push((key.to_owned(), prop)),

@@ -299,7 +299,8 @@ mod tests {
             ("x", Value::from(1)),
         ]);
         assert_eq!(s.return_code(), ReturnCode::OK);
-        let kept = Shareable::with_headers(vec![("x", Value::from(1)), ("__headers__", Value::Map(h))]);
+        let kept =
+            Shareable::with_headers(vec![("x", Value::from(1)), ("__headers__", Value::Map(h))]);
         assert_eq!(kept.return_code(), ReturnCode::App(AppReturnCode::Error));
         // the position of __headers__ is kept as it came
         assert_eq!(kept.iter().next().map(|(k, _)| k.as_str()), Some("x"));
@@ -308,7 +309,10 @@ mod tests {
     #[test]
     fn header_container_that_is_not_a_map_is_a_typed_error() {
         let s = Shareable::with_headers(vec![("__headers__", Value::from(3))]);
-        assert!(matches!(s.header("a"), Err(CoreError::HeadersNotAMap("int"))));
+        assert!(matches!(
+            s.header("a"),
+            Err(CoreError::HeadersNotAMap("int"))
+        ));
         let mut s = s;
         s.set_header("a", 1);
         assert_eq!(s.header("a").ok().flatten(), Some(&Value::from(1)));
@@ -354,7 +358,10 @@ mod tests {
         let mut p = Map::new();
         p.insert("__identity_name__", "site-1");
         s.set_peer_props(p);
-        assert_eq!(s.peer_prop("__identity_name__"), Some(&Value::from("site-1")));
+        assert_eq!(
+            s.peer_prop("__identity_name__"),
+            Some(&Value::from("site-1"))
+        );
     }
 
     #[test]
