@@ -153,7 +153,7 @@ enum Mode {
     StopAt(u64),
     /// `consume` fails on this piece (1-based).
     FailAt(u64),
-    /// `consume` panics on this piece.
+    /// `consume` panics on this piece (while building its future).
     PanicAt(u64),
     /// `consume` never answers on this piece.
     HangAt(u64),
@@ -177,12 +177,16 @@ impl ObjectConsumer for Probe {
         _stream_ctx: &'a mut StreamContext,
         _ctx: &'a FlContext,
     ) -> BoxFuture<'a, Result<ConsumeResult, String>> {
+        self.pieces += 1;
+        let i = request.get("i").and_then(Value::as_i64).unwrap_or(-1);
+        let _ = self
+            .events
+            .send(Ev::Got(self.site.clone(), self.name.clone(), i));
+        if self.mode == Mode::PanicAt(self.pieces) {
+            // before the future exists: the streamer must catch this one too
+            panic!("the probe panics");
+        }
         Box::pin(async move {
-            self.pieces += 1;
-            let i = request.get("i").and_then(Value::as_i64).unwrap_or(-1);
-            let _ = self
-                .events
-                .send(Ev::Got(self.site.clone(), self.name.clone(), i));
             let last = request
                 .get("last")
                 .and_then(Value::as_bool)
@@ -191,7 +195,6 @@ impl ObjectConsumer for Probe {
                 Mode::UntilLast if last => Ok(ConsumeResult::stop(None)),
                 Mode::StopAt(n) if self.pieces == n => Ok(ConsumeResult::stop(None)),
                 Mode::FailAt(n) if self.pieces == n => Err("the probe refuses this piece".into()),
-                Mode::PanicAt(n) if self.pieces == n => panic!("the probe panics"),
                 Mode::HangAt(n) if self.pieces == n => {
                     futures::future::pending::<()>().await;
                     Ok(ConsumeResult::keep_going(None))

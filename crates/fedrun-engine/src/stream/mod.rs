@@ -92,6 +92,20 @@ pub use self::traits::{
 
 use self::receiver::{header_str, reply, Piece, Registration, Registry, Session};
 
+/// Runs user code that returns a future; a panic while building the future or while polling it
+/// becomes `Err(panic text)`.
+pub(crate) async fn call_user<'a, T>(
+    make: impl FnOnce() -> futures::future::BoxFuture<'a, T>,
+) -> Result<T, String> {
+    use futures::FutureExt;
+    let fut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(make))
+        .map_err(|panic| crate::component::panic_text(panic.as_ref()))?;
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|panic| crate::component::panic_text(panic.as_ref()))
+}
+
 /// The default bound of concurrently open receiving streams
 /// (`max_concurrent_streaming_sessions`).
 pub const DEFAULT_MAX_SESSIONS: usize = config_var::MAX_CONCURRENT_STREAMING_SESSIONS_DEFAULT;

@@ -28,14 +28,13 @@ use actix::WeakAddr;
 use fedrun_cell::AbortSignal;
 use fedrun_core::constants::{header_key, stream as keys};
 use fedrun_core::{AppReturnCode, FlContext, ReturnCode, Shareable, StreamContext, Value};
-use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::component::panic_text;
 use crate::stream::traits::{
     ConsumedCallback, ConsumerFactory, EndStream, ObjectConsumer, StreamDoneCallback,
 };
-use crate::stream::{SessionEnded, StreamProcessor};
+use crate::stream::{call_user, SessionEnded, StreamProcessor};
 
 /// The channel/topic wildcard of factory registrations.
 pub const WILDCARD: &str = "*";
@@ -156,12 +155,11 @@ impl Session {
 
         // The consumer, once per stream.
         let mut ctx = first.ctx.clone();
-        let made = AssertUnwindSafe(registration.factory.get_consumer(
-            &stream_ctx,
-            &ctx,
-            end_handle.clone(),
-        ))
-        .catch_unwind()
+        let made = call_user(|| {
+            registration
+                .factory
+                .get_consumer(&stream_ctx, &ctx, end_handle.clone())
+        })
         .await;
         let mut consumer: Box<dyn ObjectConsumer> = match made {
             Ok(Ok(c)) => c,
@@ -173,7 +171,7 @@ impl Session {
                 return;
             }
             Err(panic) => {
-                let text = format!("the consumer factory {}", panic_text(panic.as_ref()));
+                let text = format!("the consumer factory {panic}");
                 log::error!("{prefix} {text}");
                 forget().await;
                 let _ = first.reply.send(exec_exception(&text));
@@ -219,7 +217,7 @@ impl Session {
             // Consume it; an end or an abort meanwhile drops the consume future.
             let consumed = tokio::select! {
                 biased;
-                r = AssertUnwindSafe(consumer.consume(request, &mut stream_ctx, &ctx)).catch_unwind() => r,
+                r = call_user(|| consumer.consume(request, &mut stream_ctx, &ctx)) => r,
                 rc = ends.recv() => {
                     let rc = rc.unwrap_or(AppReturnCode::TaskAborted.into());
                     let text = format!("stream ended ({rc}) while seq {seq} was being consumed");
@@ -259,7 +257,7 @@ impl Session {
                     (false, Some(exec_exception(&text)))
                 }
                 Err(panic) => {
-                    let text = format!("consume at seq {seq} {}", panic_text(panic.as_ref()));
+                    let text = format!("consume at seq {seq} {panic}");
                     log::error!("{prefix} {text}");
                     (false, Some(exec_exception(&text)))
                 }
@@ -288,13 +286,11 @@ impl Session {
             Stop::Ended(rc, why) => (rc, why, None),
         };
         stream_ctx.set_rc(rc.as_str());
-        let finalized = AssertUnwindSafe(consumer.finalize(&stream_ctx, &ctx))
-            .catch_unwind()
-            .await;
+        let finalized = call_user(|| consumer.finalize(&stream_ctx, &ctx)).await;
         let failure = match finalized {
             Ok(Ok(())) => None,
             Ok(Err(text)) => Some(text),
-            Err(panic) => Some(panic_text(panic.as_ref())),
+            Err(panic) => Some(panic),
         };
         if let Some(text) = failure {
             log::error!("{prefix} finalize failed: {text}");
@@ -319,15 +315,14 @@ impl Session {
                 }
             }
         };
-        let returned = AssertUnwindSafe(registration.factory.return_consumer(
-            consumer,
-            &stream_ctx,
-            &ctx,
-        ))
-        .catch_unwind()
+        let returned = call_user(|| {
+            registration
+                .factory
+                .return_consumer(consumer, &stream_ctx, &ctx)
+        })
         .await;
         if let Err(panic) = returned {
-            log::error!("{prefix} return_consumer {}", panic_text(panic.as_ref()));
+            log::error!("{prefix} return_consumer {panic}");
         }
         log::info!(
             "{prefix} session closed ({why}) with rc {}",

@@ -15,20 +15,16 @@
 //! - the notice keeps the caller's `secure` flag (§6 #16);
 //! - any positive timeout is accepted; a zero timeout is an error (§6 #12).
 
-use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
-
 use actix::Addr;
 use fedrun_cell::AbortSignal;
 use fedrun_core::constants::stream as keys;
 use fedrun_core::{AppReturnCode, FlContext, ReturnCode, Shareable, Value};
-use futures::FutureExt;
+use std::collections::HashMap;
 
 use crate::aux::{AuxRunner, AuxTargets, GetClients, SendAuxRequest, ValidateTargets};
-use crate::component::panic_text;
 use crate::error::EngineError;
 use crate::stream::traits::{Produced, StreamStep};
-use crate::stream::{StreamObjects, StreamOutcome};
+use crate::stream::{call_user, StreamObjects, StreamOutcome};
 
 /// What one outgoing stream needs besides the caller's message.
 pub(crate) struct SenderEnv {
@@ -215,15 +211,13 @@ pub(crate) async fn run(env: SenderEnv, msg: StreamObjects) -> Result<StreamOutc
         let produced = tokio::select! {
             biased;
             _ = abort.triggered() => None,
-            r = AssertUnwindSafe(producer.produce(&mut stream_ctx, &ctx)).catch_unwind() => Some(r),
+            r = call_user(|| producer.produce(&mut stream_ctx, &ctx)) => Some(r),
         };
         let produced = match produced {
             None => break Exit::Finished(AppReturnCode::TaskAborted.into(), None),
             Some(Ok(Ok(p))) => p,
             Some(Ok(Err(text))) => break producer_failed(format!("produce failed: {text}")),
-            Some(Err(panic)) => {
-                break producer_failed(format!("produce {}", panic_text(panic.as_ref())))
-            }
+            Some(Err(panic)) => break producer_failed(format!("produce {panic}")),
         };
         let Some(Produced {
             mut request,
@@ -269,17 +263,13 @@ pub(crate) async fn run(env: SenderEnv, msg: StreamObjects) -> Result<StreamOutc
         };
 
         // 3. the producer judges the replies
-        let step = AssertUnwindSafe(producer.process_replies(&replies, &mut stream_ctx, &ctx))
-            .catch_unwind()
-            .await;
+        let step = call_user(|| producer.process_replies(&replies, &mut stream_ctx, &ctx)).await;
         let (rc, result) = match step {
             Ok(Ok(StreamStep::Continue)) => continue,
             Ok(Ok(StreamStep::Done(v))) => (ReturnCode::OK, v),
             Ok(Ok(StreamStep::Failed(v))) => (AppReturnCode::Error.into(), v),
             Ok(Err(text)) => break producer_failed(format!("process_replies failed: {text}")),
-            Err(panic) => {
-                break producer_failed(format!("process_replies {}", panic_text(panic.as_ref())))
-            }
+            Err(panic) => break producer_failed(format!("process_replies {panic}")),
         };
         let rc = if abort.is_triggered() {
             AppReturnCode::TaskAborted.into()
