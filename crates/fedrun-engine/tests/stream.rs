@@ -1481,3 +1481,18 @@ async fn secure_is_kept_and_the_end_notice_carries_the_real_rc_on_the_wire() {
         (keys::TOPIC_ABORT, Some(true), "OK")
     );
 }
+
+#[test]
+fn stream_messages_and_replies_can_cross_threads() {
+    // The facade forwards these messages across actors (and users may send them from other
+    // threads): they and their replies must be Send; the factory is shared, so Sync too.
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<StreamObjects>();
+    send::<RegisterStreamProcessing>();
+    send::<Result<fedrun_engine::StreamOutcome, EngineError>>();
+    send::<GetOpenStreams>();
+    send_sync::<BytesConsumerFactory>();
+    send_sync::<EndStream>();
+    send::<BytesProducer>();
+}
