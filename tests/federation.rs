@@ -95,7 +95,7 @@ impl Federation {
     }
 
     /// A request from the server's job process.
-    async fn from_server(
+    async fn server_sends(
         &self,
         targets: impl Into<AuxTargets>,
         topic: &str,
@@ -342,14 +342,14 @@ async fn client_all_reaches_the_server_and_every_other_client() {
 async fn server_to_one_site_a_list_and_all_is_keyed_by_target() {
     let fed = federation("fed-down").await;
     let replies = fed
-        .from_server("site-2", "echo", with_x(1), REQUEST_TIMEOUT)
+        .server_sends("site-2", "echo", with_x(1), REQUEST_TIMEOUT)
         .await
         .unwrap();
     expect_codes(&replies, &[("site-2", "OK")]);
     expect_echo(&replies["site-2"], "site-2", "server", 1);
 
     let replies = fed
-        .from_server(vec!["site-1", "site-3"], "echo", with_x(2), REQUEST_TIMEOUT)
+        .server_sends(vec!["site-1", "site-3"], "echo", with_x(2), REQUEST_TIMEOUT)
         .await
         .unwrap();
     expect_codes(&replies, &[("site-1", "OK"), ("site-3", "OK")]);
@@ -358,7 +358,7 @@ async fn server_to_one_site_a_list_and_all_is_keyed_by_target() {
 
     // @ALL from the server job: the server target (itself) and every job client
     let replies = fed
-        .from_server(AuxTargets::All, "echo", with_x(3), REQUEST_TIMEOUT)
+        .server_sends(AuxTargets::All, "echo", with_x(3), REQUEST_TIMEOUT)
         .await
         .unwrap();
     expect_codes(
@@ -444,7 +444,7 @@ async fn failing_handler_answers_handler_exception_in_every_direction() {
     expect_codes(&replies, &[("server", "HANDLER_EXCEPTION")]);
     // server -> clients
     let replies = fed
-        .from_server(
+        .server_sends(
             AuxTargets::Sites(SITES.map(str::to_owned).to_vec()),
             "fail",
             Shareable::new(),
@@ -512,7 +512,7 @@ async fn panicking_handler_answers_handler_exception_and_the_engine_keeps_servin
     expect_codes(&replies, &[("server", "HANDLER_EXCEPTION")]);
     // server -> every client; all of them still answer afterwards, and so does the server
     let replies = fed
-        .from_server(AuxTargets::All, "panic", Shareable::new(), REQUEST_TIMEOUT)
+        .server_sends(AuxTargets::All, "panic", Shareable::new(), REQUEST_TIMEOUT)
         .await
         .unwrap();
     expect_codes(
@@ -587,7 +587,7 @@ async fn silent_handler_times_out_within_the_request_timeout_in_every_direction(
     .await;
     // server -> a list of clients
     expect_timeout(
-        fed.from_server(
+        fed.server_sends(
             vec!["site-1", "site-3"],
             "silent",
             Shareable::new(),
@@ -633,7 +633,7 @@ async fn one_broadcast_reports_each_target_outcome_separately() {
     // site-1 has no `mixed` handler; the server asks everyone
     let began = Instant::now();
     let replies = fed
-        .from_server(AuxTargets::All, "mixed", Shareable::new(), SHORT_TIMEOUT)
+        .server_sends(AuxTargets::All, "mixed", Shareable::new(), SHORT_TIMEOUT)
         .await
         .unwrap();
     let elapsed = began.elapsed();
