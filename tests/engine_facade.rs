@@ -789,3 +789,42 @@ async fn stop_engine_message_closes_the_facade() {
         "job-stop-msg"
     );
 }
+
+/// Fires its channel when dropped: tells the test that whatever owned it is gone.
+struct DropSignal(Option<tokio::sync::oneshot::Sender<()>>);
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[actix::test]
+async fn stop_engine_message_stops_the_aux_runner_and_peers_get_service_unavailable() {
+    let (_network, a, b) = pair("job-stop-aux").await;
+    let (dropped_tx, dropped) = tokio::sync::oneshot::channel();
+    let guard = Arc::new(DropSignal(Some(dropped_tx)));
+    within(b.register_aux_message_handler(
+        "echo",
+        aux_handler(move |req: AuxRequest| {
+            let _keep = guard.clone();
+            async move { Ok(req.request) }
+        }),
+    ))
+    .await
+    .unwrap();
+    let replies = within(a.send_aux_request("site-2", "echo", with_x(1), REQUEST_TIMEOUT))
+        .await
+        .unwrap();
+    assert_eq!(rc(&replies["site-2"]), "OK");
+
+    within(b.addr().send(StopEngine)).await.unwrap();
+    // the aux runner owned the handler: it is dropped once the runner has stopped
+    within(dropped).await.unwrap();
+    // b's cell is still up (the handle holds it), but nobody serves its aux channel
+    let replies = within(a.send_aux_request("site-2", "echo", with_x(2), REQUEST_TIMEOUT))
+        .await
+        .unwrap();
+    assert_eq!(rc(&replies["site-2"]), "service_unavailable");
+}
