@@ -1124,35 +1124,3 @@ async fn run_abort_ends_a_pending_request_with_timeout() {
     assert_eq!(rc(&replies["site-2"]), "TIMEOUT");
     assert!(began.elapsed() < long);
 }
-
-/// Not a guarantee but a figure: sequential and concurrent aux round trips between two client
-/// jobs. Run with `cargo test --release -p fedrun-engine --test aux_runner -- --ignored
-/// --nocapture`.
-#[actix::test]
-#[ignore = "measurement, run on demand"]
-async fn measure_aux_round_trips() {
-    const N: usize = 2000;
-    let fed = federation("j-measure").await;
-    let site1 = fed.site("site-1");
-    let began = Instant::now();
-    for i in 0..N {
-        let replies = send(site1, "site-2", "echo", request_with_x(i as i64))
-            .await
-            .unwrap();
-        assert_eq!(replies["site-2"].get("x"), Some(&Value::from(i as i64)));
-    }
-    let sequential = began.elapsed();
-    let began = Instant::now();
-    let all = futures::future::join_all(
-        (0..N).map(|i| send(site1, "site-2", "echo", request_with_x(i as i64))),
-    )
-    .await;
-    let concurrent = began.elapsed();
-    assert!(all
-        .iter()
-        .all(|r| r.as_ref().is_ok_and(|m| rc(&m["site-2"]) == "OK")));
-    println!(
-        "{N} sequential round trips: {sequential:?} ({:?} each); {N} concurrent: {concurrent:?}",
-        sequential / N as u32
-    );
-}
