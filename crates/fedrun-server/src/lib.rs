@@ -1,0 +1,1 @@
+//! fedrun server job.
