@@ -1,0 +1,2 @@
+//! The `fedrun` command.
+fn main() {}
