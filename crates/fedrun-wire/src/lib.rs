@@ -1,0 +1,1 @@
+//! NVFlare CellNet wire for fedrun.
