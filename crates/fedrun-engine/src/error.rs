@@ -110,6 +110,23 @@ pub enum EngineError {
         /// What went wrong.
         reason: String,
     },
+    /// A task name is already routed to an executor (a task is done by one executor only).
+    #[error("task {0} is already routed to an executor")]
+    DuplicateTaskRoute(String),
+    /// A client job config (`config_fed_client.json`) is malformed.
+    #[error("bad client job config: {0}")]
+    BadJobConfig(String),
+    /// A feature a job config asks for is not implemented yet.
+    #[error("{0} not supported yet")]
+    NotSupportedYet(String),
+    /// The client runner could not sync with the server's runner before the deadline.
+    #[error("cannot sync with the {target} runner after {waited:?}")]
+    RunnerSyncFailed {
+        /// The runner asked (`server`).
+        target: String,
+        /// How long the client tried.
+        waited: std::time::Duration,
+    },
     /// An error of the data model.
     #[error(transparent)]
     Core(#[from] CoreError),
