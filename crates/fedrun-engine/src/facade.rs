@@ -33,6 +33,7 @@ use crate::run_info::{
     RunInfo, SetCurrentTask, ShowErrors,
 };
 use crate::stream::{RegisterStreamProcessing, StreamObjects, StreamProcessor};
+use crate::task_fetcher::{GetFetcherState, GetTaskAssignment, SendTaskResult, TaskFetcher};
 
 /// Default mailbox capacity of the facade: calls from many components may arrive at once.
 pub const FACADE_MAILBOX_CAPACITY: usize = 1024;
@@ -48,6 +49,8 @@ pub struct EngineActors {
     pub aux: Addr<AuxRunner>,
     /// Object streaming, both directions.
     pub stream: Addr<StreamProcessor>,
+    /// Task pulls and result pushes.
+    pub task: Addr<TaskFetcher>,
 }
 
 /// NVFlare's `ClientRunManager`, as a facade actor (see the module doc).
@@ -273,4 +276,7 @@ forward! {
     GetClients => aux: AuxRunner,
     RegisterStreamProcessing => stream: StreamProcessor,
     StreamObjects => stream: StreamProcessor,
+    GetTaskAssignment => task: TaskFetcher,
+    SendTaskResult => task: TaskFetcher,
+    GetFetcherState => task: TaskFetcher,
 }

@@ -1,7 +1,8 @@
 //! Starting an engine, and talking to it without building messages.
 //!
 //! [`ClientEngine::builder`] starts everything one client job needs — the job's cell on a
-//! transport, then `RunInfo`, `ComponentRegistry`, `AuxRunner` and the `ClientRunManager` facade —
+//! transport, then `RunInfo`, `ComponentRegistry`, `AuxRunner`, `StreamProcessor`, `TaskFetcher`
+//! and the `ClientRunManager` facade —
 //! and returns an [`EngineHandle`]. The handle is a cheap, cloneable, typed front for the facade:
 //! one async method per engine call, each returning `Result<_, EngineError>`, so users never touch
 //! actix's `MailboxError`. Users who prefer messages use [`EngineHandle::addr`] or
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use fedrun_cell::{AbortSignal, Cell, CellHandle, Fqcn, Network, Transport};
-use fedrun_core::{Client, ClientRunInfo, FlContext, Map, Shareable, Value};
+use fedrun_core::{Client, ClientRunInfo, FlContext, Map, Shareable, TaskAssignment, Value};
 
 use crate::aux::{
     AuxConfig, AuxHandler, AuxReplies, AuxRunner, AuxTargets, FireAndForgetAuxRequest,
@@ -34,6 +35,10 @@ use crate::stream::{
     ConsumerFactory, ObjectProducer, RegisterStreamProcessing, StreamConfig, StreamObjects,
     StreamOutcome, StreamProcessor,
 };
+use crate::task_fetcher::{
+    GetTaskAssignment, SendTaskResult, TaskFetcher, TaskFetcherConfig,
+    DEFAULT_COMMUNICATION_TIMEOUT,
+};
 
 /// Starts client job engines: see [`ClientEngine::builder`].
 pub struct ClientEngine;
@@ -44,6 +49,7 @@ impl ClientEngine {
         ClientEngineBuilder {
             run_info: RunInfoConfig::new(client_name, job_id),
             check_run_mismatch: false,
+            communication_timeout: DEFAULT_COMMUNICATION_TIMEOUT,
         }
     }
 }
@@ -66,6 +72,7 @@ impl ClientEngine {
 pub struct ClientEngineBuilder {
     run_info: RunInfoConfig,
     check_run_mismatch: bool,
+    communication_timeout: Duration,
 }
 
 impl ClientEngineBuilder {
@@ -98,6 +105,13 @@ impl ClientEngineBuilder {
     /// default because NVFlare's parent processes have no job id).
     pub fn check_run_mismatch(mut self, on: bool) -> Self {
         self.check_run_mismatch = on;
+        self
+    }
+
+    /// The starting communication timeout of task pulls and result pushes (default 300 s, spec
+    /// §4.1; a server reply's `min_get_task_timeout` may raise it).
+    pub fn communication_timeout(mut self, timeout: Duration) -> Self {
+        self.communication_timeout = timeout;
         self
     }
 
@@ -136,11 +150,17 @@ impl ClientEngineBuilder {
             run_info.clone(),
         ))
         .await?;
+        let task = TaskFetcher::new(
+            TaskFetcherConfig::new(&site, &job_id, cell.clone(), run_info.clone())
+                .with_communication_timeout(self.communication_timeout),
+        )?
+        .start();
         let actors = EngineActors {
             run_info,
             registry,
             aux,
             stream,
+            task,
         };
         let facade = ClientRunManager::new(actors, &site, &job_id).start();
         let handle = EngineHandle {
@@ -381,6 +401,36 @@ impl EngineHandle {
     ) -> Result<StreamOutcome, EngineError> {
         self.send(StreamObjects::new(channel, topic, targets, producer))
             .await?
+    }
+
+    /// NVFlare's `get_task_assignment(fl_ctx, timeout)` with a new context of the run: pulls one
+    /// task from the server job. `Ok(None)` is a failed pull (try again later); the special names
+    /// `__try_again__` and `__end_run__` come back as assignments. The pull waits
+    /// `max(timeout, communication timeout)`, or the communication timeout when `timeout` is
+    /// `None`. Send a [`GetTaskAssignment`] with [`EngineHandle::send`] to pass a context.
+    pub async fn get_task_assignment(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<TaskAssignment>, EngineError> {
+        self.send(GetTaskAssignment { ctx: None, timeout }).await?
+    }
+
+    /// NVFlare's `send_task_result(result, fl_ctx, timeout)` with a new context of the run: pushes
+    /// a task result (its task name from its `__task_name__` header). `true` only when the server
+    /// job's cell answered `ok`. Waits `timeout`, or the communication timeout when `None`. Send a
+    /// [`SendTaskResult`] with [`EngineHandle::send`] to pass a task name or a context.
+    pub async fn send_task_result(
+        &self,
+        result: Shareable,
+        timeout: Option<Duration>,
+    ) -> Result<bool, EngineError> {
+        self.send(SendTaskResult {
+            result,
+            task_name: None,
+            ctx: None,
+            timeout,
+        })
+        .await?
     }
 
     /// Stop the job's cell (peers then see it as unreachable) and the engine's actors.

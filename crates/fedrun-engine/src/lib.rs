@@ -11,6 +11,7 @@
 //! | [`ComponentRegistry`] | components, event handlers, widgets, component factories and the build authorizer; event firing | [`registry`] |
 //! | [`AuxRunner`] | aux handlers, target resolution, the job-client directory; aux requests in and out | [`aux`] |
 //! | [`StreamProcessor`] | consumer factories, receiving streams, sending streams | [`stream`] |
+//! | [`TaskFetcher`] | task pulls and result pushes to the server job, the last task id, the communication timeout | [`task_fetcher`] |
 //!
 //! [`ClientEngine::builder`] starts them all, with the job's cell, and returns an
 //! [`EngineHandle`]: one async method per engine call, for users who would rather not build
@@ -58,6 +59,7 @@ pub mod handle;
 pub mod registry;
 pub mod run_info;
 pub mod stream;
+pub mod task_fetcher;
 
 pub use aux::{
     aux_handler, aux_timeout_secs, AuxConfig, AuxHandler, AuxHandlerFn, AuxReplies, AuxRequest,
@@ -87,4 +89,8 @@ pub use run_info::{
 };
 pub use stream::{
     RegisterStreamProcessing, StreamConfig, StreamObjects, StreamOutcome, StreamProcessor,
+};
+pub use task_fetcher::{
+    FetcherState, GetFetcherState, GetTaskAssignment, SendTaskResult, TaskFetcher,
+    TaskFetcherConfig,
 };
