@@ -1,1 +1,40 @@
-//! NVFlare CellNet wire for fedrun.
+//! NVFlare's CellNet wire for fedrun: SFM frames over TCP, byte-exact with NVFlare 2.9.
+//!
+//! A fedrun [`fedrun_cell::Cell`] talks to other cells through a
+//! [`fedrun_cell::Transport`]. Inside one process that is the in-process network; to talk to
+//! NVFlare's Python processes (or to another fedrun process) it must be NVFlare's own wire:
+//! SFM frames over plain TCP (wire spec §2-§5). This crate provides it, layer by layer:
+//!
+//! - [`frame`]: the [`Frame`] (16-byte prefix, msgpack header map, payload), its exact byte
+//!   form, the handshake payload [`HandshakeInfo`] and the heartbeat payload.
+//! - [`codec`]: [`SfmCodec`], the `tokio_util` decoder/encoder that cuts a TCP byte stream
+//!   into frames with bounded buffering and zero-copy payloads.
+//! - [`error`]: [`WireError`], one typed variant per way a peer or a socket can fail.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use fedrun_wire::{Frame, FrameType};
+//!
+//! // loopback vector #0: site-1's HELLO
+//! let hello = "0000004500000400000000000001000183ad656e64706f696e745f6e616d65a6736974652d31\
+//!              a974696d657374616d70cb41dac31632d719aca46671636ea6736974652d31";
+//! let bytes = Bytes::from(hex::decode(hello).unwrap());
+//! let frame = Frame::decode(bytes.clone()).unwrap();
+//! assert_eq!(frame.frame_type, FrameType::Hello);
+//! let info = fedrun_wire::HandshakeInfo::decode(&frame.payload).unwrap();
+//! assert_eq!(info.endpoint_name, "site-1");
+//! assert_eq!(frame.encode().unwrap(), bytes);
+//! ```
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+
+pub use codec::{SfmCodec, READ_RESERVE_LIMIT};
+pub use error::WireError;
+pub use frame::{
+    decode_headers, encode_headers, flags, Frame, FrameType, HandshakeInfo, Prefix, APP_ID_CELLNET,
+    HANDSHAKE_STREAM_ID, HEARTBEAT_PAYLOAD, MAX_FRAME_SIZE, PREFIX_LEN, STREAM_ID_BASE,
+};

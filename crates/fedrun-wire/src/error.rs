@@ -1,0 +1,132 @@
+//! The one error type of the wire crate.
+//!
+//! Everything a peer can get wrong (a frame length outside the limits, a header block that is
+//! not a msgpack map with string keys, a handshake without a valid endpoint name, a payload that
+//! does not decode) has its own variant, so that a bad connection is closed with a precise log
+//! line and never with a panic. Local failures (a URL that cannot be parsed, a socket error) are
+//! variants too.
+
+use fedrun_cell::CellError;
+use fedrun_fobs::FobsError;
+
+/// What can go wrong on the wire.
+///
+/// # Example
+///
+/// ```
+/// use bytes::Bytes;
+/// use fedrun_wire::{Frame, WireError};
+///
+/// // a prefix claiming 8 bytes: shorter than the prefix itself
+/// let bad = Bytes::from_static(&[0, 0, 0, 8, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+/// assert!(matches!(Frame::decode(bad), Err(WireError::FrameTooShort { length: 8 })));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The prefix's `length` is smaller than the 16-byte prefix.
+    #[error("frame length {length} is smaller than the 16-byte prefix")]
+    FrameTooShort {
+        /// The claimed length.
+        length: u64,
+    },
+    /// The prefix's `length` is above the maximum frame size.
+    #[error("frame length {length} exceeds the maximum frame size {max}")]
+    FrameTooLarge {
+        /// The claimed (or computed) length.
+        length: u64,
+        /// The limit in force.
+        max: u64,
+    },
+    /// The header block would extend past the end of the frame.
+    #[error("header length {header_len} does not fit in a frame of {length} bytes")]
+    HeaderLenPastEnd {
+        /// The claimed header length.
+        header_len: u16,
+        /// The frame length.
+        length: u64,
+    },
+    /// A complete frame buffer whose size differs from the prefix's `length`.
+    #[error("frame length field says {claimed} bytes but the buffer holds {actual}")]
+    LengthMismatch {
+        /// The `length` field.
+        claimed: u64,
+        /// The buffer size.
+        actual: u64,
+    },
+    /// A frame type outside 1..=7.
+    #[error("unknown frame type {0}")]
+    UnknownFrameType(u8),
+    /// The header block is not valid msgpack.
+    #[error("invalid header block: {0}")]
+    HeaderBlock(#[source] FobsError),
+    /// The header block is valid msgpack but not a map.
+    #[error("header block is a msgpack {0}, not a map")]
+    HeaderNotMap(&'static str),
+    /// A header key is not a string (NVFlare decodes headers with `strict_map_key`).
+    #[error("header key {0} is not a string")]
+    HeaderKeyNotString(String),
+    /// The headers cannot be encoded (a value that is not msgpack-native, ...).
+    #[error("cannot encode the headers: {0}")]
+    HeaderEncode(#[source] FobsError),
+    /// The encoded header block is longer than the 16-bit `header_len` field allows.
+    #[error("encoded header block of {len} bytes exceeds 65535 bytes")]
+    HeadersTooLarge {
+        /// The encoded size.
+        len: usize,
+    },
+    /// A HELLO/READY payload that is not a msgpack map with a string `endpoint_name`.
+    #[error("invalid handshake payload: {0}")]
+    Handshake(String),
+    /// The handshake names an endpoint that is not a valid FQCN.
+    #[error("invalid endpoint name in the handshake: {0}")]
+    InvalidEndpointName(#[source] CellError),
+    /// The peer's endpoint name is this endpoint's own name.
+    #[error("peer uses this endpoint's own name {0}")]
+    SelfConnection(String),
+    /// The peer sent something other than the expected handshake frame.
+    #[error("expected a {expected} frame, got {got}")]
+    UnexpectedFrame {
+        /// The frame type that was expected.
+        expected: &'static str,
+        /// The frame type that came.
+        got: &'static str,
+    },
+    /// No handshake within the deadline.
+    #[error("no handshake within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    /// The peer closed the connection.
+    #[error("connection closed by the peer")]
+    ConnectionClosed,
+    /// A DATA payload that does not decode per its `cn__payload_encoding`.
+    #[error("cannot decode the {encoding} payload: {source}")]
+    PayloadDecode {
+        /// The encoding that was tried.
+        encoding: &'static str,
+        /// Why it failed.
+        #[source]
+        source: FobsError,
+    },
+    /// A payload value that cannot be FOBS-encoded.
+    #[error("cannot encode the payload: {0}")]
+    PayloadEncode(#[source] FobsError),
+    /// A streaming (`sm__*`) header that is missing or has the wrong type.
+    #[error("stream header {key}: {problem}")]
+    StreamHeader {
+        /// The header key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A URL that is not `tcp://host:port`.
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A socket error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
