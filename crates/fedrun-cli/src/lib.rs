@@ -3,7 +3,9 @@
 //! (Crate docs are completed when the simulation lands.)
 
 pub mod error;
+pub mod job;
 pub mod logreg;
+pub mod output;
 pub mod rng;
 pub mod trainer;
 
