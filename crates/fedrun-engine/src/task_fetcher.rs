@@ -590,6 +590,18 @@ impl SendTaskResult {
         self.timeout = Some(timeout);
         self
     }
+
+    /// Sets the task name (it wins over the result's `__task_name__` header).
+    pub fn with_task_name(mut self, task_name: impl Into<String>) -> Self {
+        self.task_name = Some(task_name.into());
+        self
+    }
+
+    /// Sets the context whose public props go to the server.
+    pub fn with_ctx(mut self, ctx: FlContext) -> Self {
+        self.ctx = Some(ctx);
+        self
+    }
 }
 
 impl Handler<SendTaskResult> for TaskFetcher {
