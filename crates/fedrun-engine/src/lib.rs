@@ -56,8 +56,10 @@ pub mod event;
 pub mod executor;
 pub mod facade;
 pub mod handle;
+pub mod job_config;
 pub mod registry;
 pub mod run_info;
+pub mod runner;
 pub mod stream;
 pub mod task_fetcher;
 
@@ -78,6 +80,7 @@ pub use executor::{
 };
 pub use facade::{AbortApp, ClientRunManager, EngineActors, Forwarded, StopEngine};
 pub use handle::{ClientEngine, ClientEngineBuilder, EngineHandle};
+pub use job_config::{ClientJobConfig, ComponentSpec, ExecutorSpec};
 pub use registry::{
     factory, AddComponent, AddHandler, AddWidget, BuildArgs, BuildAuthorizer, BuildComponent,
     ComponentFactory, ComponentRegistry, FireEvent, GetAllComponents, GetComponent,
@@ -86,6 +89,9 @@ pub use registry::{
 pub use run_info::{
     AbortRun, ErrorReport, GetAbortSignal, GetRunInfo, MarkRunStarted, NewContext, ReportError,
     ResetErrors, RunInfo, RunInfoConfig, SetCurrentTask, ShowErrors,
+};
+pub use runner::{
+    ClientRunner, RunEnd, RunOutcome, RunnerConfig, RunnerControl, RunningTask,
 };
 pub use stream::{
     RegisterStreamProcessing, StreamConfig, StreamObjects, StreamOutcome, StreamProcessor,
