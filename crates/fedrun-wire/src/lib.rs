@@ -9,6 +9,9 @@
 //!   form, the handshake payload [`HandshakeInfo`] and the heartbeat payload.
 //! - [`codec`]: [`SfmCodec`], the `tokio_util` decoder/encoder that cuts a TCP byte stream
 //!   into frames with bounded buffering and zero-copy payloads.
+//! - [`message`]: a [`fedrun_cell::CellMessage`] ↔ one DATA frame, payloads encoded per
+//!   `cn__payload_encoding` ([`encode_payload`], [`decode_payload`]).
+//! - [`stream`]: the typed `sm__*` headers of NVFlare's streaming layer ([`StreamMessage`]).
 //! - [`error`]: [`WireError`], one typed variant per way a peer or a socket can fail.
 //!
 //! # Example
@@ -31,6 +34,8 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod message;
+pub mod stream;
 
 pub use codec::{SfmCodec, READ_RESERVE_LIMIT};
 pub use error::WireError;
@@ -38,3 +43,5 @@ pub use frame::{
     decode_headers, encode_headers, flags, Frame, FrameType, HandshakeInfo, Prefix, APP_ID_CELLNET,
     HANDSHAKE_STREAM_ID, HEARTBEAT_PAYLOAD, MAX_FRAME_SIZE, PREFIX_LEN, STREAM_ID_BASE,
 };
+pub use message::{decode_payload, encode_payload, frame_from_message, message_from_frame};
+pub use stream::StreamMessage;
