@@ -20,6 +20,11 @@
 //! [`error`] ([`EngineError`]). The repository's `docs/architecture.md` and
 //! `docs/runtime-semantics.md` describe the path of a message and the runtime guarantees.
 //!
+//! On top of the engine, the job's own work: [`executor`] (the [`Executor`] trait and the
+//! [`TaskRouter`] from task names to executors), [`job_config`] (the client app's
+//! `config_fed_client.json`, built into components and a router) and [`runner`] (the
+//! [`ClientRunner`] task loop: fetch, execute, check, send, until the run ends).
+//!
 //! # Example: an engine inside your own actix System
 //! ```
 //! use std::time::Duration;

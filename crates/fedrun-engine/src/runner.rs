@@ -11,7 +11,8 @@
 //!    looked at before the deadline, spec §6 #32), or [`EngineError::RunnerSyncFailed`] after
 //!    `max_runner_sync_timeout`;
 //! 3. fires `_about_to_start_run`, marks the run started, fires `_start_run`, and starts the job
-//!    heartbeat (`__job_heartbeat__`, fire-and-forget, every `job_heartbeat_interval`);
+//!    heartbeat (`__job_heartbeat__`, fire-and-forget, at once and then every
+//!    `job_heartbeat_interval`);
 //! 4. loops: get a task (none → wait `default_interval`; `__try_again__` → wait its
 //!    `__wait_time__`; `__end_run__` → stop); a real task is checked (peer context present, same
 //!    job), routed ([`TaskRouter`]), executed, and its result — with the task's cookie jar,
@@ -28,6 +29,13 @@
 //! executor is given [`RunnerConfig::task_abort_grace`] to return, and its result becomes
 //! `TASK_ABORTED` whatever it returned. Results are not sent once the runner is stopping (as
 //! NVFlare); a `__do_task__` result is the aux reply, so it is always returned.
+//!
+//! A normal end (`__end_run__`) stops the runner without triggering the run's abort signal, so
+//! the engine (aux messages included) keeps working for the end-of-run event handlers; NVFlare
+//! triggers the run's abort signal in both cases.
+//!
+//! The runner spawns its helpers (the heartbeat, the watch on the run's abort signal) with
+//! `actix::spawn`: run it inside an actix `System`.
 //!
 //! Differences from NVFlare, on purpose: the first `__sync_runner__` is sent at once (then every
 //! `default_interval`); the end-run readiness check (`_check_end_run_readiness`) is not done;

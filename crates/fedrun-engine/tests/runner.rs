@@ -754,6 +754,49 @@ async fn aborting_the_current_task_sends_task_aborted_optionally_and_the_run_goe
 }
 
 #[actix::test]
+async fn an_executor_that_ignores_the_abort_is_dropped_after_the_grace_and_its_result_is_task_aborted(
+) {
+    let net = Network::new();
+    let state = ServerState {
+        get_task: VecDeque::from([task("train", "t1", 1), end_run()]),
+        ..ServerState::default()
+    };
+    let mut server = FakeServer::start(&net, state).await;
+    let client = Client::start(&net).await;
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let started_tx = Mutex::new(Some(started_tx));
+    let stubborn = executor_fn(move |_, _, _, _abort| {
+        if let Some(tx) = started_tx.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        futures::future::pending::<Result<Shareable, String>>()
+    });
+    let grace = Duration::from_millis(100);
+    let config = RunnerConfig {
+        task_abort_grace: grace,
+        ..fast()
+    };
+    let runner = ClientRunner::new(client.engine.clone(), router(&["train"], stubborn), config);
+    let control = runner.control();
+    let run = runner.spawn();
+
+    within(started_rx).await.unwrap();
+    let aborted_at = Instant::now();
+    assert_eq!(control.abort_current_tasks(), 1);
+    let result = server
+        .wait_for(|s| match s {
+            Seen::Submit { result, .. } => Some(result.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(aborted_at.elapsed() >= grace, "the executor had its grace");
+    assert_eq!(result.return_code(), AppReturnCode::TaskAborted.into());
+    let outcome = within(run).await.unwrap().unwrap();
+    assert_eq!(outcome.ended_by, RunEnd::EndRun);
+    assert!(control.running_tasks().is_empty());
+}
+
+#[actix::test]
 async fn end_run_aux_from_the_server_ends_the_loop() {
     let net = Network::new();
     let mut server = FakeServer::start(&net, ServerState::default()).await;
