@@ -1,0 +1,492 @@
+//! Scatter and gather: NVFlare's federated-averaging workflow (`ScatterAndGather`).
+//!
+//! Each round the global model goes to every job client as a `train` task (a DXO of kind
+//! `WEIGHTS`, headers `current_round` and `num_rounds`, cookie `contribution_round`); once at
+//! least `min_clients` clients answered successfully (and the after-minimum wait passed, or
+//! everyone answered) the results are aggregated and the aggregate becomes the new global model
+//! (`WEIGHTS` replace it, `WEIGHT_DIFF` are added to it). The numeric DXO meta the clients send
+//! (`loss`, `accuracy`, ...) is averaged into per-round metrics, published as
+//! [`WorkflowEvent`]s and returned in the [`WorkflowOutcome`]. A round with fewer than
+//! `min_clients` usable results fails the workflow: there is never a silent partial model.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedrun_core::constants::header_key;
+use fedrun_core::{DataKind, Dxo, Map, Value};
+use futures::future::BoxFuture;
+
+use crate::aggregator::{local_steps, Aggregator, Contribution, NUM_STEPS_CURRENT_ROUND};
+use crate::controller::Controller;
+use crate::error::ServerError;
+use crate::model::{weights_from_dxo, weights_to_dxo, FloatArray, ModelWeights};
+use crate::persistor::ModelPersistor;
+use crate::protocol::{seconds, BROADCAST_METHOD};
+use crate::task::{Task, TaskResult};
+use crate::workflow::{RoundMetrics, Workflow, WorkflowEvent, WorkflowOutcome};
+
+/// The task header carrying the round number.
+pub const CURRENT_ROUND: &str = "current_round";
+/// The task header carrying the number of rounds.
+pub const NUM_ROUNDS: &str = "num_rounds";
+/// The cookie carrying the round a result contributes to.
+pub const CONTRIBUTION_ROUND: &str = "contribution_round";
+
+/// The settings of a [`ScatterAndGather`] (NVFlare's constructor arguments).
+///
+/// # Example
+/// ```
+/// use std::time::Duration;
+/// use fedrun_server::SagConfig;
+///
+/// let config = SagConfig::new(2, 5).with_train_timeout(Duration::from_secs(600));
+/// assert_eq!(config.train_task_name, "train");
+/// assert_eq!(config.start_round, 0);
+/// assert_eq!(config.train_timeout, Some(Duration::from_secs(600)));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct SagConfig {
+    /// Successful results needed per round.
+    pub min_clients: usize,
+    /// How many rounds to run.
+    pub num_rounds: u32,
+    /// The first round's number.
+    pub start_round: u32,
+    /// How long to keep collecting results once `min_clients` succeeded.
+    pub wait_time_after_min_received: Duration,
+    /// The task name clients train on.
+    pub train_task_name: String,
+    /// The task timeout (`None`: no timeout).
+    pub train_timeout: Option<Duration>,
+    /// Save the global model every this many rounds (0: only at the end; the final model is
+    /// always saved).
+    pub persist_every_n_rounds: u32,
+    /// The aggregator's component id, sent in the task operator header.
+    pub aggregator_id: String,
+}
+
+impl SagConfig {
+    /// `min_clients` and `num_rounds`, with NVFlare's defaults for the rest: start at round 0,
+    /// no wait after the minimum, task `train` without timeout, persist every round, aggregator
+    /// id `aggregator`.
+    pub fn new(min_clients: usize, num_rounds: u32) -> Self {
+        SagConfig {
+            min_clients,
+            num_rounds,
+            start_round: 0,
+            wait_time_after_min_received: Duration::ZERO,
+            train_task_name: "train".to_owned(),
+            train_timeout: None,
+            persist_every_n_rounds: 1,
+            aggregator_id: "aggregator".to_owned(),
+        }
+    }
+
+    /// Sets the first round's number.
+    pub fn with_start_round(mut self, round: u32) -> Self {
+        self.start_round = round;
+        self
+    }
+
+    /// Sets the wait after `min_clients` results.
+    pub fn with_wait_time_after_min_received(mut self, wait: Duration) -> Self {
+        self.wait_time_after_min_received = wait;
+        self
+    }
+
+    /// Sets the task name.
+    pub fn with_train_task_name(mut self, name: impl Into<String>) -> Self {
+        self.train_task_name = name.into();
+        self
+    }
+
+    /// Sets the task timeout; zero means none.
+    pub fn with_train_timeout(mut self, timeout: Duration) -> Self {
+        self.train_timeout = (!timeout.is_zero()).then_some(timeout);
+        self
+    }
+
+    /// Sets how often the model is saved.
+    pub fn with_persist_every_n_rounds(mut self, n: u32) -> Self {
+        self.persist_every_n_rounds = n;
+        self
+    }
+}
+
+/// NVFlare's scatter-and-gather workflow (see the module doc).
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use fedrun_core::NdArray;
+/// use fedrun_server::{FedAvg, ModelWeights, NpyPersistor, SagConfig, ScatterAndGather, Workflow};
+///
+/// let mut initial = ModelWeights::new();
+/// initial.insert("w".into(), NdArray::from_f32(&[3], &[0.0; 3]).unwrap());
+/// let persistor = NpyPersistor::new(std::env::temp_dir().join("fedrun-sag-doc"))
+///     .with_initial_weights(initial);
+/// let sag = ScatterAndGather::new(SagConfig::new(2, 3), Arc::new(FedAvg::default()),
+///                                 Arc::new(persistor));
+/// assert_eq!(sag.name(), "scatter_and_gather");
+/// // server.run_workflow(&mut sag).await runs it (see ServerJob).
+/// ```
+pub struct ScatterAndGather {
+    id: String,
+    config: SagConfig,
+    aggregator: Arc<dyn Aggregator>,
+    persistor: Arc<dyn ModelPersistor>,
+}
+
+impl std::fmt::Debug for ScatterAndGather {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScatterAndGather")
+            .field("id", &self.id)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScatterAndGather {
+    /// A workflow with id `scatter_and_gather`.
+    pub fn new(
+        config: SagConfig,
+        aggregator: Arc<dyn Aggregator>,
+        persistor: Arc<dyn ModelPersistor>,
+    ) -> Self {
+        ScatterAndGather {
+            id: "scatter_and_gather".to_owned(),
+            config,
+            aggregator,
+            persistor,
+        }
+    }
+
+    /// Sets the workflow id (the config's `id`, sent as the `__workflow__` cookie).
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SagConfig {
+        &self.config
+    }
+
+    /// The task of `round`: the global model as a `WEIGHTS` DXO with the round headers.
+    fn round_task(&self, round: u32, global: &ModelWeights) -> Task {
+        let mut data = weights_to_dxo(global, DataKind::Weights).to_shareable();
+        data.set_header(CURRENT_ROUND, round);
+        data.set_header(NUM_ROUNDS, self.config.num_rounds);
+        data.add_cookie(CONTRIBUTION_ROUND, round);
+        let mut op = Map::new();
+        op.insert("op_id", self.config.train_task_name.as_str());
+        op.insert("method", BROADCAST_METHOD);
+        op.insert(
+            "timeout",
+            self.config.train_timeout.map_or(Value::from(0), seconds),
+        );
+        op.insert("aggregator", self.config.aggregator_id.as_str());
+        data.set_header(header_key::TASK_OPERATOR, op);
+        let task = Task::new(self.config.train_task_name.as_str(), data);
+        match self.config.train_timeout {
+            Some(t) => task.with_timeout(t),
+            None => task,
+        }
+    }
+
+    async fn save(&self, model: &ModelWeights) -> Result<(), ServerError> {
+        let persistor = Arc::clone(&self.persistor);
+        let model = model.clone();
+        blocking("model persistence", move || persistor.save(&model)).await
+    }
+
+    async fn run_rounds(&mut self, ctl: &Controller) -> Result<WorkflowOutcome, ServerError> {
+        let persistor = Arc::clone(&self.persistor);
+        let mut global = blocking("model loading", move || persistor.load()).await?;
+        if global.is_empty() {
+            return Err(ServerError::NoInitialModel(
+                "the persistor's initial model has no array".to_owned(),
+            ));
+        }
+        let first = self.config.start_round;
+        let end = first.saturating_add(self.config.num_rounds);
+        let mut outcome = WorkflowOutcome::new(self.id.as_str());
+        let mut saved_last = false;
+        log::info!(
+            "[job={} site=server] {}: rounds {first}..{end}, min_clients {}",
+            ctl.job_id(),
+            self.id,
+            self.config.min_clients
+        );
+        for round in first..end {
+            let started = Instant::now();
+            ctl.emit(WorkflowEvent::RoundStarted {
+                workflow: self.id.clone(),
+                round,
+                end_round: end,
+                targets: ctl.job_clients().len(),
+            });
+            let failed = |source: ServerError| ServerError::RoundFailed {
+                round,
+                source: Box::new(source),
+            };
+            let task = self.round_task(round, &global);
+            let id = self.id.clone();
+            let results = ctl
+                .broadcast_and_wait_with(
+                    task,
+                    None,
+                    self.config.min_clients,
+                    self.config.wait_time_after_min_received,
+                    ctl.abort_signal(),
+                    |r: &TaskResult| {
+                        ctl.emit(WorkflowEvent::ResultReceived {
+                            workflow: id.clone(),
+                            round,
+                            client: r.client.clone(),
+                            success: r.is_success(),
+                        })
+                    },
+                )
+                .await
+                .map_err(failed)?;
+            let (contributions, mut failed_clients) = self.usable(ctl, round, results);
+            if contributions.len() < self.config.min_clients {
+                return Err(failed(ServerError::NotEnoughResponses {
+                    got: contributions.len(),
+                    needed: self.config.min_clients,
+                }));
+            }
+            let metrics = round_metrics(&contributions);
+            let mut clients: Vec<String> = contributions.iter().map(|c| c.client.clone()).collect();
+            clients.sort_unstable();
+            failed_clients.sort_unstable();
+            let aggregator = Arc::clone(&self.aggregator);
+            let aggregate = blocking("aggregation", move || aggregator.aggregate(&contributions))
+                .await
+                .map_err(failed)?;
+            apply(&mut global, &aggregate).map_err(failed)?;
+            let every = self.config.persist_every_n_rounds;
+            saved_last = every > 0 && (round - first + 1).is_multiple_of(every);
+            if saved_last {
+                self.save(&global).await.map_err(failed)?;
+            }
+            let done = RoundMetrics {
+                round,
+                clients,
+                failed_clients,
+                metrics,
+                duration: started.elapsed(),
+            };
+            log::info!(
+                "[job={} site=server] {}: round {round} done in {:?} with {} client(s); metrics \
+                 {:?}",
+                ctl.job_id(),
+                self.id,
+                done.duration,
+                done.clients.len(),
+                done.metrics
+            );
+            ctl.emit(WorkflowEvent::RoundCompleted {
+                workflow: self.id.clone(),
+                metrics: done.clone(),
+            });
+            outcome.rounds.push(done);
+        }
+        if !saved_last {
+            self.save(&global).await?;
+        }
+        outcome.model = Some(global);
+        Ok(outcome)
+    }
+
+    /// The successful results as contributions, and the names of the clients that failed or
+    /// sent something unusable (logged).
+    fn usable(
+        &self,
+        ctl: &Controller,
+        round: u32,
+        results: Vec<TaskResult>,
+    ) -> (Vec<Contribution>, Vec<String>) {
+        let mut contributions = Vec::with_capacity(results.len());
+        let mut failed = Vec::new();
+        for r in results {
+            if !r.is_success() {
+                log::warn!(
+                    "[job={} site={}] {}: round {round}: client failed with {}; result ignored",
+                    ctl.job_id(),
+                    r.client,
+                    self.id,
+                    r.rc
+                );
+                failed.push(r.client);
+                continue;
+            }
+            match Dxo::from_shareable(&r.result) {
+                Ok(dxo) => contributions.push(Contribution {
+                    client: r.client,
+                    dxo,
+                }),
+                Err(e) => {
+                    log::error!(
+                        "[job={} site={}] {}: round {round}: result is not a usable DXO ({e}); \
+                         ignored",
+                        ctl.job_id(),
+                        r.client,
+                        self.id
+                    );
+                    failed.push(r.client);
+                }
+            }
+        }
+        (contributions, failed)
+    }
+}
+
+impl Workflow for ScatterAndGather {
+    fn name(&self) -> &str {
+        &self.id
+    }
+
+    fn run<'a>(
+        &'a mut self,
+        ctl: Controller,
+    ) -> BoxFuture<'a, Result<WorkflowOutcome, ServerError>> {
+        Box::pin(async move { self.run_rounds(&ctl).await })
+    }
+}
+
+/// Runs a synchronous job on the blocking pool; a panic becomes [`ServerError::BlockingJob`].
+async fn blocking<T, F>(what: &'static str, f: F) -> Result<T, ServerError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ServerError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServerError::BlockingJob {
+            what,
+            reason: e.to_string(),
+        })?
+}
+
+/// Makes `aggregate` the new global model: `WEIGHTS` replace the arrays they name,
+/// `WEIGHT_DIFF` are added to them.
+fn apply(global: &mut ModelWeights, aggregate: &Dxo) -> Result<(), ServerError> {
+    let update = weights_from_dxo(aggregate)?;
+    match aggregate.kind {
+        DataKind::Weights => {
+            global.extend(update);
+            Ok(())
+        }
+        DataKind::WeightDiff => {
+            for (name, diff) in update {
+                let Some(current) = global.get(&name) else {
+                    return Err(ServerError::InvalidModel(format!(
+                        "the aggregated difference has '{name}', which the global model lacks"
+                    )));
+                };
+                let mut base = FloatArray::read(&name, current)?;
+                let diff = FloatArray::read(&name, &diff)?;
+                if base.shape != diff.shape {
+                    return Err(ServerError::InvalidModel(format!(
+                        "the difference of '{name}' has shape {:?}, the model {:?}",
+                        diff.shape, base.shape
+                    )));
+                }
+                for (b, d) in base.values.iter_mut().zip(&diff.values) {
+                    *b += d;
+                }
+                global.insert(name, base.write()?);
+            }
+            Ok(())
+        }
+        ref other => Err(ServerError::Aggregation(format!(
+            "the aggregate is a {other} DXO; only WEIGHTS and WEIGHT_DIFF update a model"
+        ))),
+    }
+}
+
+/// The weighted mean of every numeric meta entry (bools and `NUM_STEPS_CURRENT_ROUND`
+/// excluded) over the contributions that carry it, weighted by local steps (1 when absent or
+/// invalid).
+fn round_metrics(contributions: &[Contribution]) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for c in contributions {
+        let weight = local_steps(c).unwrap_or(1.0);
+        for (key, value) in c.dxo.meta.iter() {
+            let Some(name) = key.as_str() else { continue };
+            if name == NUM_STEPS_CURRENT_ROUND {
+                continue;
+            }
+            let number = match value {
+                Value::Int(_) | Value::F32(_) | Value::F64(_) => value.as_f64(),
+                _ => None,
+            };
+            let Some(v) = number.filter(|v| v.is_finite()) else {
+                continue;
+            };
+            let entry = sums.entry(name.to_owned()).or_insert((0.0, 0.0));
+            entry.0 += v * weight;
+            entry.1 += weight;
+        }
+    }
+    sums.into_iter()
+        .filter(|(_, (_, w))| *w > 0.0)
+        .map(|(k, (s, w))| (k, s / w))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fedrun_core::NdArray;
+
+    fn contribution(client: &str, steps: i64, meta: &[(&str, Value)]) -> Contribution {
+        let mut dxo = Dxo::new(DataKind::Weights, Map::new());
+        dxo.meta.insert(NUM_STEPS_CURRENT_ROUND, steps);
+        for (k, v) in meta {
+            dxo.meta.insert(*k, v.clone());
+        }
+        Contribution {
+            client: client.into(),
+            dxo,
+        }
+    }
+
+    #[test]
+    fn metrics_are_step_weighted_means_of_numeric_meta() {
+        let a = contribution(
+            "a",
+            1,
+            &[("loss", Value::from(1.0)), ("note", Value::from("x"))],
+        );
+        let b = contribution(
+            "b",
+            3,
+            &[("loss", Value::from(3.0)), ("accuracy", Value::from(0.5))],
+        );
+        let m = round_metrics(&[a, b]);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["loss"], 2.5);
+        assert_eq!(m["accuracy"], 0.5);
+    }
+
+    #[test]
+    fn weight_diffs_are_added_and_weights_replace() {
+        let mut global = ModelWeights::new();
+        global.insert("w".into(), NdArray::from_f32(&[2], &[1.0, 2.0]).unwrap());
+        let mut diff = ModelWeights::new();
+        diff.insert("w".into(), NdArray::from_f32(&[2], &[0.5, -1.0]).unwrap());
+        apply(&mut global, &weights_to_dxo(&diff, DataKind::WeightDiff)).unwrap();
+        assert_eq!(global["w"].to_f32_vec().unwrap(), vec![1.5, 1.0]);
+        apply(&mut global, &weights_to_dxo(&diff, DataKind::Weights)).unwrap();
+        assert_eq!(global["w"].to_f32_vec().unwrap(), vec![0.5, -1.0]);
+        let mut unknown = ModelWeights::new();
+        unknown.insert("x".into(), NdArray::from_f32(&[1], &[0.0]).unwrap());
+        assert!(apply(&mut global, &weights_to_dxo(&unknown, DataKind::WeightDiff)).is_err());
+        assert!(apply(&mut global, &weights_to_dxo(&diff, DataKind::Metrics)).is_err());
+    }
+}
