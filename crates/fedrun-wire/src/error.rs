@@ -126,6 +126,12 @@ pub enum WireError {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// Background tasks need a running tokio runtime (an actix `System` has one).
+    #[error("no tokio runtime is running on this thread")]
+    NoRuntime,
+    /// The transport has been shut down.
+    #[error("the transport is shut down")]
+    ShutDown,
     /// A socket error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

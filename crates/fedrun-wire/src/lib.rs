@@ -12,6 +12,9 @@
 //! - [`message`]: a [`fedrun_cell::CellMessage`] ↔ one DATA frame, payloads encoded per
 //!   `cn__payload_encoding` ([`encode_payload`], [`decode_payload`]).
 //! - [`stream`]: the typed `sm__*` headers of NVFlare's streaming layer ([`StreamMessage`]).
+//! - [`transport`]: [`TcpTransport`], the [`fedrun_cell::Transport`] that runs cells over
+//!   TCP: listeners and reconnecting connectors, HELLO/READY, PING/PONG, the §7.3 route rule,
+//!   one bounded writer queue per connection.
 //! - [`error`]: [`WireError`], one typed variant per way a peer or a socket can fail.
 //!
 //! # Example
@@ -36,6 +39,7 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod stream;
+pub mod transport;
 
 pub use codec::{SfmCodec, READ_RESERVE_LIMIT};
 pub use error::WireError;
@@ -45,3 +49,4 @@ pub use frame::{
 };
 pub use message::{decode_payload, encode_payload, frame_from_message, message_from_frame};
 pub use stream::StreamMessage;
+pub use transport::{TcpTransport, TcpUrl, WireConfig, BYE_TOPIC, CELLNET_CHANNEL};

@@ -1,0 +1,1114 @@
+//! The TCP transport: fedrun cells on NVFlare's wire (wire spec §2, §4-§7, §12).
+//!
+//! [`TcpTransport`] implements [`fedrun_cell::Transport`], so a [`fedrun_cell::Cell`] started on
+//! it talks to NVFlare's Python cells (or to another fedrun process) without any change to the
+//! cell. It owns the TCP side of an NVFlare endpoint:
+//!
+//! - **connections**: it listens (`tcp://host:port`, answering HELLO with READY) and/or connects
+//!   (sending HELLO, waiting for READY, reconnecting forever with back-off 1, 2, 4, 8, 10, 10 …
+//!   s). Peers are known by the endpoint name of their handshake; one connection per name, a
+//!   newer one evicts the older.
+//! - **sending**: a cell message is encoded (FOBS for values, raw bytes, or nothing; wire spec
+//!   §8.1), stamped with this hop's `cn__from`/`cn__to`, and queued to the connection picked by
+//!   the leaf rule of §7.3 (a peer named as the destination, else the longest prefix of the
+//!   destination that is a peer, else `server`, else this endpoint's parent). Each connection
+//!   has one writer task fed by a *bounded* queue: a slow peer slows its senders down instead of
+//!   growing memory.
+//! - **receiving**: one reader task per connection decodes frames, answers PING with PONG,
+//!   answers `cellnet.channel`/`bye` with `ok`, and hands cell messages to the local cell named
+//!   by `cn__destination` (awaiting its mailbox: back-pressure reaches TCP). A request for a cell
+//!   that is not here is answered with a `return` message (`comm_error`, "cannot forward"),
+//!   because a leaf does not forward (§6.6). Streamed messages (`sm__STREAM`) are not reassembled
+//!   yet: they are logged and dropped.
+//!
+//! Anything wrong that comes from the network (a bad frame, a header block that is not a map,
+//! a payload that does not decode, a bad handshake) closes *that* connection, with a log line
+//! naming the peer; the process and the other connections go on. Nothing read from a socket is
+//! unwrapped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use actix::Recipient;
+use fedrun_cell::{header, CellError, CellMessage, Deliver, Fqcn, Headers, MsgType, Transport};
+use fedrun_core::{CellReturnCode, Map, Value};
+use futures::future::BoxFuture;
+use futures::{FutureExt, SinkExt, StreamExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::SfmCodec;
+use crate::error::WireError;
+use crate::frame::{
+    epoch_secs, Frame, FrameType, HandshakeInfo, APP_ID_CELLNET, MAX_FRAME_SIZE, STREAM_ID_BASE,
+};
+use crate::message::{frame_from_message, message_from_frame};
+use crate::stream::STREAM_CHANNEL;
+
+/// The channel of CellNet's own control messages.
+pub const CELLNET_CHANNEL: &str = "cellnet.channel";
+/// The topic a peer says goodbye on (wire spec §6.8).
+pub const BYE_TOPIC: &str = "bye";
+
+/// How long [`TcpTransport::shutdown`] waits for its goodbyes to be written.
+const BYE_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Settings of a [`TcpTransport`]. The defaults are NVFlare's.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use fedrun_wire::WireConfig;
+///
+/// let config = WireConfig {
+///     reconnect_initial: Duration::from_millis(50),
+///     ..WireConfig::default()
+/// };
+/// assert_eq!(config.heartbeat_interval, Duration::from_secs(60));
+/// assert_eq!(config.reconnect_max, Duration::from_secs(10));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireConfig {
+    /// How long the HELLO/READY exchange may take on a new connection (10 s).
+    pub handshake_timeout: Duration,
+    /// How long writing one frame may take before the connection is closed (30 s,
+    /// `streaming_send_timeout`).
+    pub send_timeout: Duration,
+    /// A connection on which nothing arrived for this long gets a PING (60 s).
+    pub heartbeat_interval: Duration,
+    /// Frames that may wait for a connection's writer; senders beyond it wait (64).
+    pub queue_capacity: usize,
+    /// The largest frame accepted or sent ([`MAX_FRAME_SIZE`]).
+    pub max_frame_size: usize,
+    /// First reconnection delay of a connector (1 s); it doubles after each failure.
+    pub reconnect_initial: Duration,
+    /// Longest reconnection delay (10 s).
+    pub reconnect_max: Duration,
+}
+
+impl Default for WireConfig {
+    fn default() -> Self {
+        WireConfig {
+            handshake_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(60),
+            queue_capacity: 64,
+            max_frame_size: MAX_FRAME_SIZE,
+            reconnect_initial: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A `tcp://host:port` URL, as NVFlare writes them.
+///
+/// # Example
+///
+/// ```
+/// use fedrun_wire::TcpUrl;
+///
+/// let url = TcpUrl::parse("tcp://localhost:8002").unwrap();
+/// assert_eq!((url.host.as_str(), url.port), ("localhost", 8002));
+/// // "0" means all interfaces
+/// assert_eq!(TcpUrl::parse("tcp://0:8002").unwrap().host, "0.0.0.0");
+/// assert!(TcpUrl::parse("stcp://server:8002").is_err());
+/// assert!(TcpUrl::parse("tcp://server").is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpUrl {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl TcpUrl {
+    /// Parses `tcp://host:port` (`host` may be `[ipv6]`; `0` means all interfaces).
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::InvalidUrl`] for another scheme (TLS `stcp` is not supported), a missing
+    /// host or a port that is not a number.
+    pub fn parse(url: &str) -> Result<TcpUrl, WireError> {
+        let bad = |reason| WireError::InvalidUrl {
+            url: url.to_owned(),
+            reason,
+        };
+        let Some(rest) = url.strip_prefix("tcp://") else {
+            return Err(if url.starts_with("stcp://") {
+                bad("TLS (stcp) is not supported")
+            } else {
+                bad("the scheme must be tcp://")
+            });
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let host = if host == "0" { "0.0.0.0" } else { host };
+        Ok(TcpUrl {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for TcpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "tcp://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "tcp://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+type Reader = FramedRead<OwnedReadHalf, SfmCodec>;
+type Writer = FramedWrite<OwnedWriteHalf, SfmCodec>;
+
+/// A frame for a connection's writer, and who wants to know it was written.
+pub(crate) struct Outbound {
+    pub(crate) frame: Frame,
+    pub(crate) done: Option<oneshot::Sender<Result<(), CellReturnCode>>>,
+}
+
+/// A live connection to a peer, as the senders see it.
+#[derive(Clone)]
+pub(crate) struct Link {
+    conn_id: u64,
+    pub(crate) tx: mpsc::Sender<Outbound>,
+    cancel: CancellationToken,
+}
+
+pub(crate) struct Inner {
+    pub(crate) own: Fqcn,
+    pub(crate) config: WireConfig,
+    cells: RwLock<HashMap<Fqcn, Recipient<Deliver>>>,
+    peers: RwLock<HashMap<Fqcn, Link>>,
+    /// Bumped whenever the peer set changes.
+    peers_changed: watch::Sender<u64>,
+    shutdown: CancellationToken,
+    next_conn_id: AtomicU64,
+}
+
+/// An NVFlare endpoint on TCP: the [`Transport`] of the cells of one fedrun process.
+///
+/// Cheap to clone (clones share everything). Background tasks (listeners, connectors,
+/// connections) run on the tokio runtime of the caller (an actix `System` has one) until
+/// [`TcpTransport::shutdown`].
+///
+/// # Example
+///
+/// A "server" listener and a job cell connecting to it, in one process:
+///
+/// ```
+/// use std::time::Duration;
+/// use fedrun_cell::{request_handler, Cell, CellMessage, Fqcn, SendRequest};
+/// use fedrun_core::{CellReturnCode, Shareable};
+/// use fedrun_wire::TcpTransport;
+///
+/// actix::System::new().block_on(async {
+///     let (server_net, addr) = TcpTransport::listen(Fqcn::SERVER, "tcp://127.0.0.1:0").await.unwrap();
+///     let server = Cell::start(Fqcn::SERVER, server_net.clone()).unwrap();
+///     server
+///         .register_request_handler("test", "echo", request_handler(|req: CellMessage| async move {
+///             Ok(Some(CellMessage::new(req.payload)))
+///         }))
+///         .await
+///         .unwrap();
+///
+///     let me = Fqcn::job_cell("site-1", "job-1").unwrap();
+///     let job_net = TcpTransport::connect(me.clone(), &format!("tcp://{addr}")).unwrap();
+///     assert!(job_net.wait_for_peer(&Fqcn::SERVER, Duration::from_secs(5)).await);
+///     let job = Cell::start(me, job_net.clone()).unwrap();
+///
+///     let mut body = Shareable::new();
+///     body.insert("round", 1);
+///     let reply = job
+///         .send_request(SendRequest::new("test", "echo", Fqcn::SERVER,
+///                                        CellMessage::new(body.clone()), Duration::from_secs(5)))
+///         .await
+///         .unwrap();
+///     assert_eq!(reply.return_code(), CellReturnCode::Ok);
+///     assert_eq!(reply.payload.as_shareable(), Some(&body));
+///
+///     job_net.shutdown().await;
+///     server_net.shutdown().await;
+/// });
+/// ```
+#[derive(Clone)]
+pub struct TcpTransport {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("own", &self.inner.own)
+            .field("peers", &self.peers())
+            .finish()
+    }
+}
+
+impl TcpTransport {
+    /// An endpoint named `own` with no connection yet (add them with
+    /// [`TcpTransport::add_listener`] and [`TcpTransport::add_connector`]).
+    pub fn new(own: Fqcn, config: WireConfig) -> TcpTransport {
+        let (peers_changed, _) = watch::channel(0);
+        TcpTransport {
+            inner: Arc::new(Inner {
+                own,
+                config,
+                cells: RwLock::new(HashMap::new()),
+                peers: RwLock::new(HashMap::new()),
+                peers_changed,
+                shutdown: CancellationToken::new(),
+                next_conn_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// An endpoint named `own` (default settings) that connects to `url` in the background
+    /// and keeps reconnecting. Use [`TcpTransport::wait_for_peer`] to wait for the handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::InvalidUrl`], or [`WireError::NoRuntime`] outside a tokio runtime.
+    pub fn connect(own: Fqcn, url: &str) -> Result<TcpTransport, WireError> {
+        let t = TcpTransport::new(own, WireConfig::default());
+        t.add_connector(url)?;
+        Ok(t)
+    }
+
+    /// An endpoint named `own` (default settings) listening on `url`; returns the bound address
+    /// (useful with port 0).
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::InvalidUrl`], [`WireError::Io`] when the address cannot be bound,
+    /// [`WireError::NoRuntime`] outside a tokio runtime.
+    pub async fn listen(own: Fqcn, url: &str) -> Result<(TcpTransport, SocketAddr), WireError> {
+        let t = TcpTransport::new(own, WireConfig::default());
+        let addr = t.add_listener(url).await?;
+        Ok((t, addr))
+    }
+
+    /// Starts listening on `url` and returns the bound address. Each accepted connection must
+    /// start with a HELLO, which is answered with READY.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::InvalidUrl`], [`WireError::Io`], [`WireError::NoRuntime`],
+    /// [`WireError::ShutDown`].
+    pub async fn add_listener(&self, url: &str) -> Result<SocketAddr, WireError> {
+        let url = TcpUrl::parse(url)?;
+        self.check_running()?;
+        let listener = TcpListener::bind((url.host.as_str(), url.port)).await?;
+        let addr = listener.local_addr()?;
+        log::info!("endpoint {}: listening on {addr}", self.inner.own);
+        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener));
+        Ok(addr)
+    }
+
+    /// Starts connecting to `url` in the background: HELLO, wait for READY, serve the
+    /// connection; when it ends or fails, try again after 1, 2, 4, 8, 10, 10 … s (the delay
+    /// starts over after a successful handshake), until [`TcpTransport::shutdown`].
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::InvalidUrl`], [`WireError::NoRuntime`], [`WireError::ShutDown`].
+    pub fn add_connector(&self, url: &str) -> Result<(), WireError> {
+        let url = TcpUrl::parse(url)?;
+        self.check_running()?;
+        tokio::spawn(connect_loop(Arc::clone(&self.inner), url));
+        Ok(())
+    }
+
+    fn check_running(&self) -> Result<(), WireError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(WireError::ShutDown);
+        }
+        tokio::runtime::Handle::try_current().map_err(|_| WireError::NoRuntime)?;
+        Ok(())
+    }
+
+    /// This endpoint's name (the `endpoint_name` of its handshakes).
+    pub fn own_fqcn(&self) -> &Fqcn {
+        &self.inner.own
+    }
+
+    /// The peers with a live connection, sorted.
+    pub fn peers(&self) -> Vec<Fqcn> {
+        let mut names: Vec<Fqcn> = self
+            .inner
+            .peers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Whether a live connection to `peer` exists.
+    pub fn is_connected(&self, peer: &Fqcn) -> bool {
+        self.inner.is_connected(peer)
+    }
+
+    /// Waits until `peer` is connected (handshake done), at most `timeout`; returns whether it
+    /// is.
+    pub async fn wait_for_peer(&self, peer: &Fqcn, timeout: Duration) -> bool {
+        self.wait_for(timeout, |t| t.is_connected(peer)).await
+    }
+
+    /// Waits until `peer` is no longer connected, at most `timeout`; returns whether it is gone.
+    pub async fn wait_for_peer_gone(&self, peer: &Fqcn, timeout: Duration) -> bool {
+        self.wait_for(timeout, |t| !t.is_connected(peer)).await
+    }
+
+    async fn wait_for(&self, timeout: Duration, done: impl Fn(&Self) -> bool) -> bool {
+        let mut changes = self.inner.peers_changed.subscribe();
+        let wait = async {
+            loop {
+                if done(self) {
+                    return true;
+                }
+                if changes.changed().await.is_err() {
+                    return done(self);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// Says goodbye to every peer (a `cellnet.channel`/`bye` request each, written within
+    /// 0.5 s, replies not awaited), then closes every connection, listener and connector.
+    /// Idempotent. Cells on this transport stay up but can no longer reach anyone remote.
+    pub async fn shutdown(&self) {
+        if self.inner.shutdown.is_cancelled() {
+            return;
+        }
+        let links: Vec<(Fqcn, Link)> = self
+            .inner
+            .peers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let byes = links.into_iter().map(|(peer, link)| {
+            let inner = Arc::clone(&self.inner);
+            async move {
+                let Some(frame) = inner.bye_request(&peer) else {
+                    return;
+                };
+                let (done, written) = oneshot::channel();
+                let out = Outbound {
+                    frame,
+                    done: Some(done),
+                };
+                if link.tx.send(out).await.is_ok() {
+                    let _ = written.await;
+                }
+            }
+        });
+        let _ = tokio::time::timeout(BYE_WRITE_TIMEOUT, futures::future::join_all(byes)).await;
+        log::info!("endpoint {}: shutting down", self.inner.own);
+        self.inner.shutdown.cancel();
+    }
+}
+
+impl Transport for TcpTransport {
+    fn register(&self, fqcn: Fqcn, inbox: Recipient<Deliver>) -> Result<(), CellError> {
+        let mut cells = self
+            .inner
+            .cells
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cells.get(&fqcn).is_some_and(Recipient::connected) {
+            return Err(CellError::DuplicateFqcn(fqcn));
+        }
+        log::debug!("endpoint {}: local cell {fqcn} registered", self.inner.own);
+        cells.insert(fqcn, inbox);
+        Ok(())
+    }
+
+    fn unregister(&self, fqcn: &Fqcn) {
+        self.inner
+            .cells
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(fqcn);
+    }
+
+    fn route(&self, msg: CellMessage) -> BoxFuture<'static, Result<(), CellReturnCode>> {
+        let inner = Arc::clone(&self.inner);
+        async move { inner.send_message(msg).await }.boxed()
+    }
+}
+
+impl Inner {
+    fn is_connected(&self, peer: &Fqcn) -> bool {
+        self.peers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(peer)
+    }
+
+    fn local_cell(&self, fqcn: &Fqcn) -> Option<Recipient<Deliver>> {
+        self.cells
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(fqcn)
+            .cloned()
+    }
+
+    /// The connection a message for `dest` leaves on (wire spec §7.3, leaf rule): a peer named
+    /// `dest`, else the longest prefix of `dest` that is a peer, else `server`, else this
+    /// endpoint's parent.
+    pub(crate) fn pick_link(&self, dest: &Fqcn) -> Option<(Fqcn, Link)> {
+        let peers = self.peers.read().unwrap_or_else(PoisonError::into_inner);
+        let mut candidate = Some(dest.clone());
+        while let Some(name) = candidate {
+            if let Some(link) = peers.get(&name) {
+                return Some((name, link.clone()));
+            }
+            candidate = name.parent();
+        }
+        let fallback = std::iter::once(Fqcn::SERVER).chain(self.own.parent());
+        for name in fallback {
+            if let Some(link) = peers.get(&name) {
+                return Some((name, link.clone()));
+            }
+        }
+        None
+    }
+
+    /// Sends a message from a local cell: deliver it locally, or encode it and queue it to the
+    /// picked connection, then wait until it is written.
+    pub(crate) async fn send_message(&self, mut msg: CellMessage) -> Result<(), CellReturnCode> {
+        let dest = match msg.headers.destination().map(Fqcn::new) {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                log::warn!("endpoint {}: invalid destination: {e}", self.own);
+                return Err(CellReturnCode::InvalidTarget);
+            }
+            None => {
+                log::warn!("endpoint {}: message without destination", self.own);
+                return Err(CellReturnCode::InvalidTarget);
+            }
+        };
+        if let Some(cell) = self.local_cell(&dest) {
+            return cell.send(Deliver(msg)).await.map_err(|e| {
+                log::debug!("endpoint {}: local cell {dest} gone ({e})", self.own);
+                CellReturnCode::TargetUnreachable
+            });
+        }
+        let Some((peer, link)) = self.pick_link(&dest) else {
+            log::debug!(
+                "endpoint {}: no connection leads to {dest} (peers: {:?})",
+                self.own,
+                self.peers
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .keys()
+                    .collect::<Vec<_>>()
+            );
+            return Err(CellReturnCode::TargetUnreachable);
+        };
+        let h = &mut msg.headers;
+        if h.from() != Some(self.own.as_str()) {
+            // a cell hosted behind this endpoint: this hop is a forward by the endpoint
+            h.push_route(self.own.as_str(), epoch_secs());
+        }
+        h.set_from(self.own.as_str());
+        h.set_to(peer.as_str());
+        let frame = frame_from_message(msg).map_err(|e| {
+            log::warn!("endpoint {}: message to {dest} not sent: {e}", self.own);
+            CellReturnCode::CommError
+        })?;
+        match frame.encoded_len() {
+            Ok(len) if len > self.config.max_frame_size => {
+                log::warn!(
+                    "endpoint {}: message to {dest} is {len} bytes, above the frame limit {}",
+                    self.own,
+                    self.config.max_frame_size
+                );
+                return Err(CellReturnCode::MsgTooBig);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("endpoint {}: message to {dest} not sent: {e}", self.own);
+                return Err(CellReturnCode::CommError);
+            }
+        }
+        self.queue_and_wait(&peer, &link, frame).await
+    }
+
+    /// Queues a frame to a connection (waiting for queue space) and waits until it is written.
+    pub(crate) async fn queue_and_wait(
+        &self,
+        peer: &Fqcn,
+        link: &Link,
+        frame: Frame,
+    ) -> Result<(), CellReturnCode> {
+        let (done, written) = oneshot::channel();
+        let out = Outbound {
+            frame,
+            done: Some(done),
+        };
+        if link.tx.send(out).await.is_err() {
+            log::debug!("endpoint {}: connection to {peer} is closing", self.own);
+            return Err(CellReturnCode::TargetUnreachable);
+        }
+        // A dropped `done` means the connection closed before the frame was written.
+        written.await.unwrap_or(Err(CellReturnCode::CommError))
+    }
+
+    /// The `cellnet.channel`/`bye` request to `peer` (wire spec §6.8).
+    fn bye_request(&self, peer: &Fqcn) -> Option<Frame> {
+        let now = epoch_secs();
+        let mut h = Headers::new();
+        h.set_msg_type(MsgType::Req);
+        h.set_channel(CELLNET_CHANNEL);
+        h.set_topic(BYE_TOPIC);
+        h.set_origin(self.own.as_str());
+        h.set_destination(peer.as_str());
+        h.set_from(self.own.as_str());
+        h.set_to(peer.as_str());
+        h.set_req_id(uuid::Uuid::new_v4().to_string());
+        h.set_reply_expected(true);
+        h.set_route([(self.own.as_str(), now)]);
+        h.set_send_time(now);
+        h.set_secure(false);
+        h.set_optional(true);
+        frame_from_message(CellMessage {
+            headers: h,
+            payload: fedrun_cell::Payload::None,
+        })
+        .ok()
+    }
+
+    /// Headers of a message this endpoint sends back to the sender of `request` over the
+    /// connection from `peer` (a reply or a return).
+    pub(crate) fn answer_headers(
+        &self,
+        request: &Headers,
+        peer: &Fqcn,
+        msg_type: MsgType,
+    ) -> Option<Headers> {
+        let origin = request.origin()?;
+        let now = epoch_secs();
+        let mut h = Headers::new();
+        h.set_channel(request.channel().unwrap_or(""));
+        h.set_topic(request.topic().unwrap_or(""));
+        h.set_from(self.own.as_str());
+        h.set_to(peer.as_str());
+        h.set_origin(request.destination().unwrap_or(self.own.as_str()));
+        h.set_destination(origin);
+        h.set_msg_type(msg_type);
+        h.set_route([(self.own.as_str(), now)]);
+        h.set_send_time(now);
+        h.set_optional(request.optional().unwrap_or(false));
+        h.set_secure(false);
+        Some(h)
+    }
+
+    /// Handles one decoded cell message that arrived from `peer`.
+    async fn handle_incoming(
+        &self,
+        peer: &Fqcn,
+        msg: CellMessage,
+        tx: &mpsc::Sender<Outbound>,
+    ) -> Result<(), WireError> {
+        let h = &msg.headers;
+        if h.channel() == Some(CELLNET_CHANNEL) && h.topic() == Some(BYE_TOPIC) {
+            self.answer_bye(peer, &msg, tx).await;
+            return Ok(());
+        }
+        if h.channel() == Some(STREAM_CHANNEL) {
+            log::warn!(
+                "endpoint {}: streamed message ({}) from {peer} dropped: stream reassembly is not \
+                 implemented yet",
+                self.own,
+                h.topic().unwrap_or("")
+            );
+            return Ok(());
+        }
+        self.deliver_local(peer, msg, tx).await;
+        Ok(())
+    }
+
+    /// Hands a message to the local cell it is addressed to, or answers `return`.
+    pub(crate) async fn deliver_local(
+        &self,
+        peer: &Fqcn,
+        msg: CellMessage,
+        tx: &mpsc::Sender<Outbound>,
+    ) {
+        let dest = msg.headers.destination().and_then(|d| Fqcn::new(d).ok());
+        let cell = dest.as_ref().and_then(|d| self.local_cell(d));
+        match (dest, cell) {
+            (Some(dest), Some(cell)) => {
+                if let Err(e) = cell.send(Deliver(msg)).await {
+                    log::warn!(
+                        "endpoint {}: message from {peer} for {dest} dropped: cell gone ({e})",
+                        self.own
+                    );
+                }
+            }
+            _ => self.cannot_deliver(peer, msg, tx).await,
+        }
+    }
+
+    /// `bye`: reply `ok` with no payload (the peer closes the connection next).
+    async fn answer_bye(&self, peer: &Fqcn, msg: &CellMessage, tx: &mpsc::Sender<Outbound>) {
+        let h = &msg.headers;
+        if h.msg_type() != Some(MsgType::Req) {
+            log::debug!("endpoint {}: bye answer from {peer}", self.own);
+            return;
+        }
+        log::info!("endpoint {}: {peer} says goodbye", self.own);
+        if h.reply_expected() != Some(true) {
+            return;
+        }
+        let Some(mut reply) = self.answer_headers(h, peer, MsgType::Reply) else {
+            return;
+        };
+        if let Some(id) = h.get(header::REQ_ID) {
+            reply.insert(header::REQ_ID, id.clone());
+        }
+        reply.set_return_code(CellReturnCode::Ok);
+        self.queue_answer(peer, reply, tx).await;
+    }
+
+    /// A message for a cell that is not here: a leaf does not forward (§6.6). A request that
+    /// expects a reply is answered with `return` / `comm_error` so its sender does not wait for
+    /// a timeout; anything else is dropped.
+    async fn cannot_deliver(&self, peer: &Fqcn, msg: CellMessage, tx: &mpsc::Sender<Outbound>) {
+        let h = &msg.headers;
+        let level = if h.optional() == Some(true) {
+            log::Level::Debug
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
+            "endpoint {}: {} from {peer} on {}/{} for {:?}: no such local cell",
+            self.own,
+            h.msg_type().map_or("message", |t| t.as_str()),
+            h.channel().unwrap_or(""),
+            h.topic().unwrap_or(""),
+            h.destination()
+        );
+        let wants_reply = h.msg_type() == Some(MsgType::Req) && h.reply_expected() == Some(true);
+        let Some(req_id) = h.req_id().filter(|_| wants_reply) else {
+            return;
+        };
+        let Some(mut ret) = self.answer_headers(h, peer, MsgType::Return) else {
+            return;
+        };
+        ret.set_origin(self.own.as_str());
+        ret.set_req_ids([req_id]);
+        ret.set_return_code(CellReturnCode::CommError);
+        ret.set_error("cannot forward");
+        ret.insert(header::RETURN_REASON, "cant_forward");
+        let original: Map = msg
+            .headers
+            .iter()
+            .map(|(k, v)| (Value::from(k), v.clone()))
+            .collect();
+        ret.insert(header::ORIGINAL_HEADERS, Value::Map(original));
+        self.queue_answer(peer, ret, tx).await;
+    }
+
+    /// Queues a header-only answer on the connection it answers (not waiting for the write).
+    pub(crate) async fn queue_answer(
+        &self,
+        peer: &Fqcn,
+        headers: Headers,
+        tx: &mpsc::Sender<Outbound>,
+    ) {
+        let msg = CellMessage {
+            headers,
+            payload: fedrun_cell::Payload::None,
+        };
+        match frame_from_message(msg) {
+            Ok(frame) => {
+                if tx.send(Outbound { frame, done: None }).await.is_err() {
+                    log::debug!("endpoint {}: answer to {peer} not sent: closing", self.own);
+                }
+            }
+            Err(e) => log::warn!("endpoint {}: answer to {peer} not built: {e}", self.own),
+        }
+    }
+
+    /// Registers a handshaken connection, runs it to its end, and unregisters it.
+    async fn run_connection(self: Arc<Self>, peer: Fqcn, reader: Reader, writer: Writer) {
+        let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = self.shutdown.child_token();
+        let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
+        let link = Link {
+            conn_id,
+            tx: tx.clone(),
+            cancel: cancel.clone(),
+        };
+        let evicted = self
+            .peers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer.clone(), link);
+        if let Some(old) = evicted {
+            log::info!(
+                "endpoint {}: new connection from {peer} replaces the older one",
+                self.own
+            );
+            old.cancel.cancel();
+        }
+        self.peers_changed.send_modify(|g| *g += 1);
+        log::info!("endpoint {}: connected to {peer}", self.own);
+
+        let writer_task = tokio::spawn(write_loop(
+            self.own.clone(),
+            peer.clone(),
+            writer,
+            rx,
+            cancel.clone(),
+            self.config.send_timeout,
+        ));
+        let outcome = self.read_loop(&peer, reader, &tx, &cancel).await;
+        cancel.cancel();
+        {
+            let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
+            if peers.get(&peer).is_some_and(|l| l.conn_id == conn_id) {
+                peers.remove(&peer);
+            }
+        }
+        self.peers_changed.send_modify(|g| *g += 1);
+        drop(tx);
+        if let Err(e) = writer_task.await {
+            log::warn!("endpoint {}: writer of {peer} ended badly: {e}", self.own);
+        }
+        match outcome {
+            Ok(()) => log::info!("endpoint {}: connection to {peer} closed", self.own),
+            Err(e) => log::warn!(
+                "endpoint {}: connection to {peer} closed after an error: {e}",
+                self.own
+            ),
+        }
+    }
+
+    /// Reads frames until the peer closes, an error occurs, or the connection is cancelled.
+    async fn read_loop(
+        &self,
+        peer: &Fqcn,
+        mut reader: Reader,
+        tx: &mpsc::Sender<Outbound>,
+        cancel: &CancellationToken,
+    ) -> Result<(), WireError> {
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(()),
+                r = tokio::time::timeout(self.config.heartbeat_interval, reader.next()) => r,
+            };
+            let frame = match next {
+                Err(_idle) => {
+                    log::debug!("endpoint {}: {peer} silent, sending PING", self.own);
+                    // try_send: a full queue means frames are flowing, no PING needed.
+                    let _ = tx.try_send(Outbound {
+                        frame: Frame::ping(),
+                        done: None,
+                    });
+                    continue;
+                }
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            match frame.frame_type {
+                FrameType::Data if frame.app_id == APP_ID_CELLNET => {
+                    let msg = message_from_frame(frame)?;
+                    self.handle_incoming(peer, msg, tx).await?;
+                }
+                FrameType::Data => log::warn!(
+                    "endpoint {}: DATA frame for app {} from {peer} dropped (no such app)",
+                    self.own,
+                    frame.app_id
+                ),
+                FrameType::Ping => {
+                    let pong = Outbound {
+                        frame: Frame::pong(),
+                        done: None,
+                    };
+                    if tx.send(pong).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                FrameType::Pong => log::debug!("endpoint {}: PONG from {peer}", self.own),
+                other => log::warn!(
+                    "endpoint {}: unexpected {other} frame from {peer} ignored",
+                    self.own
+                ),
+            }
+        }
+    }
+}
+
+/// Writes queued frames in order, numbering them (sequence per connection, stream id per peer),
+/// until the queue closes or the connection is cancelled. A write that fails or takes longer
+/// than `send_timeout` closes the connection.
+async fn write_loop(
+    own: Fqcn,
+    peer: Fqcn,
+    mut writer: Writer,
+    mut rx: mpsc::Receiver<Outbound>,
+    cancel: CancellationToken,
+    send_timeout: Duration,
+) {
+    // The handshake frame was sequence 1.
+    let mut sequence: u16 = 1;
+    let mut stream_id: u16 = STREAM_ID_BASE;
+    loop {
+        let out = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            out = rx.recv() => match out {
+                Some(out) => out,
+                None => break,
+            },
+        };
+        let Outbound { mut frame, done } = out;
+        sequence = sequence.wrapping_add(1);
+        stream_id = stream_id.wrapping_add(1);
+        frame.sequence = sequence;
+        frame.stream_id = stream_id;
+        let result = match tokio::time::timeout(send_timeout, writer.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(WireError::Io(e))) => Err(format!("write failed: {e}")),
+            Ok(Err(e)) => {
+                // An encoding error writes nothing: the connection is still usable.
+                log::warn!("endpoint {own}: frame to {peer} not sent: {e}");
+                if let Some(done) = done {
+                    let _ = done.send(Err(CellReturnCode::CommError));
+                }
+                continue;
+            }
+            Err(_) => Err(format!("write took longer than {send_timeout:?}")),
+        };
+        match result {
+            Ok(()) => {
+                if let Some(done) = done {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                log::warn!("endpoint {own}: connection to {peer}: {e}; closing");
+                if let Some(done) = done {
+                    let _ = done.send(Err(CellReturnCode::CommError));
+                }
+                cancel.cancel();
+                break;
+            }
+        }
+    }
+}
+
+/// The HELLO/READY exchange on a fresh connection. `active`: this side connected (sends HELLO,
+/// expects READY); otherwise it accepted (expects HELLO, answers READY).
+async fn handshake(
+    inner: &Inner,
+    stream: TcpStream,
+    active: bool,
+) -> Result<(Fqcn, Reader, Writer), WireError> {
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    let codec = SfmCodec::with_max_frame_size(inner.config.max_frame_size);
+    let mut reader = FramedRead::new(r, codec);
+    let mut writer = FramedWrite::new(w, codec);
+    let me = HandshakeInfo::now(&inner.own);
+    let exchange = async {
+        if active {
+            let mut hello = Frame::hello(&me)?;
+            hello.sequence = 1;
+            writer.send(hello).await?;
+        }
+        let first = reader.next().await.ok_or(WireError::ConnectionClosed)??;
+        let expected = if active {
+            FrameType::Ready
+        } else {
+            FrameType::Hello
+        };
+        if first.frame_type != expected {
+            return Err(WireError::UnexpectedFrame {
+                expected: expected.name(),
+                got: first.frame_type.name(),
+            });
+        }
+        let peer = HandshakeInfo::decode(&first.payload)?.endpoint()?;
+        if peer == inner.own {
+            return Err(WireError::SelfConnection(peer.to_string()));
+        }
+        if !active {
+            let mut ready = Frame::ready(&me)?;
+            ready.sequence = 1;
+            writer.send(ready).await?;
+        }
+        Ok(peer)
+    };
+    let peer = tokio::time::timeout(inner.config.handshake_timeout, exchange)
+        .await
+        .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
+    Ok((peer, reader, writer))
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            () = inner.shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                let inner = Arc::clone(&inner);
+                tokio::spawn(async move {
+                    match handshake(&inner, stream, false).await {
+                        Ok((peer, reader, writer)) => {
+                            inner.run_connection(peer, reader, writer).await;
+                        }
+                        Err(e) => log::warn!(
+                            "endpoint {}: handshake with {addr} failed, connection closed: {e}",
+                            inner.own
+                        ),
+                    }
+                });
+            }
+            Err(e) => {
+                log::warn!("endpoint {}: accept failed: {e}", inner.own);
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                }
+            }
+        }
+    }
+    log::debug!("endpoint {}: listener closed", inner.own);
+}
+
+async fn connect_loop(inner: Arc<Inner>, url: TcpUrl) {
+    let initial = inner.config.reconnect_initial;
+    let mut delay = initial;
+    loop {
+        if inner.shutdown.is_cancelled() {
+            break;
+        }
+        let attempt = async {
+            let stream = tokio::time::timeout(
+                inner.config.handshake_timeout,
+                TcpStream::connect((url.host.as_str(), url.port)),
+            )
+            .await
+            .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
+            handshake(&inner, stream, true).await
+        };
+        let outcome = tokio::select! {
+            () = inner.shutdown.cancelled() => break,
+            r = attempt => r,
+        };
+        match outcome {
+            Ok((peer, reader, writer)) => {
+                delay = initial;
+                Arc::clone(&inner)
+                    .run_connection(peer, reader, writer)
+                    .await;
+            }
+            Err(e) => log::warn!(
+                "endpoint {}: cannot connect to {url}: {e}; retrying in {delay:?}",
+                inner.own
+            ),
+        }
+        tokio::select! {
+            () = inner.shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(inner.config.reconnect_max);
+    }
+    log::debug!("endpoint {}: connector to {url} stopped", inner.own);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn urls_other_than_tcp_host_port_are_refused() {
+        for bad in [
+            "http://a:1",
+            "tcp://a",
+            "tcp://:1",
+            "tcp://a:port",
+            "tcp://a:70000",
+        ] {
+            assert!(
+                matches!(TcpUrl::parse(bad), Err(WireError::InvalidUrl { .. })),
+                "{bad}"
+            );
+        }
+        let v6 = TcpUrl::parse("tcp://[::1]:9").unwrap();
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.to_string(), "tcp://[::1]:9");
+    }
+
+    #[test]
+    fn route_picks_direct_peer_then_longest_prefix_then_server_then_parent() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let me = Fqcn::new("site-1.job1").unwrap();
+        let t = TcpTransport::new(me, WireConfig::default());
+        let add = |name: &str| {
+            let (tx, _rx) = mpsc::channel(1);
+            let link = Link {
+                conn_id: 0,
+                tx,
+                cancel: CancellationToken::new(),
+            };
+            t.inner
+                .peers
+                .write()
+                .unwrap()
+                .insert(Fqcn::new(name).unwrap(), link);
+        };
+        let pick = |dest: &str| {
+            t.inner
+                .pick_link(&Fqcn::new(dest).unwrap())
+                .map(|(p, _)| p.to_string())
+        };
+        assert_eq!(pick("server.job1"), None);
+        add("site-1");
+        assert_eq!(pick("server.job1").as_deref(), Some("site-1"), "parent");
+        add("server");
+        assert_eq!(pick("server.job1").as_deref(), Some("server"), "prefix");
+        assert_eq!(pick("site-2").as_deref(), Some("server"), "server");
+        assert_eq!(pick("site-1").as_deref(), Some("site-1"), "direct");
+        assert_eq!(pick("site-1.other").as_deref(), Some("site-1"), "prefix");
+        add("server.job1");
+        assert_eq!(pick("server.job1").as_deref(), Some("server.job1"));
+    }
+}
