@@ -3,7 +3,7 @@
 //! The file (format version 2) lists `workflows` and `components`, each `{id, path|name, args}`.
 //! [`ServerJobConfig::from_json`] reads it; [`ServerJobConfig::build`] builds it with
 //! [`ServerFactories`]: components first, through the engine's
-//! [`ComponentRegistry`](fedrun_engine::ComponentRegistry) (class by `path`, `class_path` or
+//! [`ComponentRegistry`] (class by `path`, `class_path` or
 //! short `name`, nested component args, `disabled`), then workflows, whose factories get the
 //! built components by id (a scatter-and-gather names its aggregator and persistor by id).
 //!

@@ -9,7 +9,7 @@
 //! - [`server_job`]: [`ServerJob`] — start it with [`ServerJob::builder`], run workflows on it,
 //!   end the run;
 //! - [`task_manager`]: the [`TaskManager`] actor, sole owner of the task queue;
-//! - [`protocol`] (private): the exact wire form of replies, from the NVFlare capture;
+//! - `protocol` (private): the exact wire form of replies, from the NVFlare capture;
 //! - [`controller`]: [`Controller`], the workflows' API (`broadcast_and_wait`);
 //! - [`task`]: [`Task`] and [`TaskResult`];
 //! - [`workflow`]: the [`Workflow`] trait, [`WorkflowOutcome`], [`RoundMetrics`],
