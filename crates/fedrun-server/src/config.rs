@@ -384,6 +384,25 @@ impl ServerJobConfig {
         Self::from_value(json)
     }
 
+    /// Reads and parses a `config_fed_server.json` file.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Io`] when the file cannot be read; as [`ServerJobConfig::from_json`].
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ServerError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ServerError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|e| match e {
+            ServerError::Config(reason) => {
+                ServerError::Config(format!("{}: {reason}", path.display()))
+            }
+            other => other,
+        })
+    }
+
     /// Reads an already parsed config (see [`ServerJobConfig::from_json`]).
     ///
     /// # Errors

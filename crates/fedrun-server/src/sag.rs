@@ -47,7 +47,8 @@ pub const CONTRIBUTION_ROUND: &str = "contribution_round";
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct SagConfig {
-    /// Successful results needed per round.
+    /// Successful results needed per round (0: every job client must succeed). More than the
+    /// number of job clients fails the first round at once (NVFlare would wait forever).
     pub min_clients: usize,
     /// How many rounds to run.
     pub num_rounds: u32,

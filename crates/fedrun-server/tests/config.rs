@@ -212,3 +212,24 @@ async fn nvflare_numpy_persistor_starts_from_nvflares_default_model() {
     assert_eq!(model["numpy_key"].to_f32_vec().unwrap(), expected);
     assert_eq!(model["numpy_key"].shape(), &[3, 3]);
 }
+
+#[test]
+fn a_config_file_is_read_and_its_errors_name_the_file() {
+    let dir = temp_dir("file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config_fed_server.json");
+    std::fs::write(&path, config_text(r#"{"dir": "out"}"#, "")).unwrap();
+    let config = ServerJobConfig::from_file(&path).unwrap();
+    assert_eq!(config.components.len(), 3);
+    std::fs::write(&path, "{\"format_version\": 3}").unwrap();
+    let err = ServerJobConfig::from_file(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("config_fed_server.json") && err.contains("format_version 3"),
+        "{err}"
+    );
+    assert!(matches!(
+        ServerJobConfig::from_file(dir.join("missing.json")),
+        Err(ServerError::Io { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
