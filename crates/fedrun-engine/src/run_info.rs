@@ -64,6 +64,9 @@ pub struct RunInfoConfig {
     pub max_error_records: usize,
     /// The actor's mailbox capacity.
     pub mailbox_capacity: usize,
+    /// The process type (`CJ` for a client job, `SJ` for a server job); a private sticker
+    /// `__process_type__`.
+    pub process_type: String,
 }
 
 impl RunInfoConfig {
@@ -77,7 +80,14 @@ impl RunInfoConfig {
             job_context_props: Vec::new(),
             max_error_records: DEFAULT_MAX_ERROR_RECORDS,
             mailbox_capacity: DEFAULT_RUN_INFO_MAILBOX,
+            process_type: process_type::CLIENT_JOB.to_owned(),
         }
+    }
+
+    /// Sets the process type (default `CJ`; a server job uses `SJ`).
+    pub fn with_process_type(mut self, process_type: impl Into<String>) -> Self {
+        self.process_type = process_type.into();
+        self
     }
 
     /// Sets the client config.
@@ -132,7 +142,7 @@ impl RunInfoConfig {
         private.extend(self.job_context_props.iter().cloned());
         private.push((
             fl_ctx_key::PROCESS_TYPE.to_owned(),
-            Value::from(process_type::CLIENT_JOB),
+            Value::from(self.process_type.as_str()),
         ));
         private.push((
             fl_ctx_key::CLIENT_CONFIG.to_owned(),

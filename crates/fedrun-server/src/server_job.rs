@@ -170,8 +170,12 @@ impl ServerJobBuilder {
 
     async fn wire(self, cell: CellHandle, meta: Value) -> Result<ServerJob, ServerError> {
         let job_id = self.job_id;
-        let run_info =
-            RunInfo::new(RunInfoConfig::new(SERVER_IDENTITY, &job_id).with_job_meta(meta)).start();
+        let run_info = RunInfo::new(
+            RunInfoConfig::new(SERVER_IDENTITY, &job_id)
+                .with_job_meta(meta)
+                .with_process_type(process_type::SERVER_JOB),
+        )
+        .start();
         let aux = AuxRunner::new(
             AuxConfig::new(SERVER_IDENTITY, &job_id, cell.clone(), run_info.clone())
                 .with_process_type(process_type::SERVER_JOB)
