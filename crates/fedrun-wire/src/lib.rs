@@ -12,6 +12,8 @@
 //! - [`message`]: a [`fedrun_cell::CellMessage`] ↔ one DATA frame, payloads encoded per
 //!   `cn__payload_encoding` ([`encode_payload`], [`decode_payload`]).
 //! - [`stream`]: the typed `sm__*` headers of NVFlare's streaming layer ([`StreamMessage`]).
+//! - `stream_rx` (internal): reassembly and acknowledgement of incoming NVFlare streams, and
+//!   the streamed reply (on `return_only`) to a streamed request.
 //! - [`transport`]: [`TcpTransport`], the [`fedrun_cell::Transport`] that runs cells over
 //!   TCP: listeners and reconnecting connectors, HELLO/READY, PING/PONG, the §7.3 route rule,
 //!   one bounded writer queue per connection.
@@ -39,6 +41,7 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod stream;
+mod stream_rx;
 pub mod transport;
 
 pub use codec::{SfmCodec, READ_RESERVE_LIMIT};
@@ -49,4 +52,7 @@ pub use frame::{
 };
 pub use message::{decode_payload, encode_payload, frame_from_message, message_from_frame};
 pub use stream::StreamMessage;
+pub use stream_rx::{
+    RECEIVER_ACK_INTERVAL, SEND_CHUNK_SIZE, SEND_WINDOW_SIZE, STREAM_REQ_ID_PREFIX,
+};
 pub use transport::{TcpTransport, TcpUrl, WireConfig, BYE_TOPIC, CELLNET_CHANNEL};

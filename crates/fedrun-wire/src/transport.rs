@@ -18,8 +18,9 @@
 //!   answers `cellnet.channel`/`bye` with `ok`, and hands cell messages to the local cell named
 //!   by `cn__destination` (awaiting its mailbox: back-pressure reaches TCP). A request for a cell
 //!   that is not here is answered with a `return` message (`comm_error`, "cannot forward"),
-//!   because a leaf does not forward (§6.6). Streamed messages (`sm__STREAM`) are not reassembled
-//!   yet: they are logged and dropped.
+//!   because a leaf does not forward (§6.6). Streamed messages (`sm__STREAM`) are reassembled and
+//!   acknowledged by the endpoint; the reply to a streamed request leaves as a stream on
+//!   `return_only`, as the Python requester expects.
 //!
 //! Anything wrong that comes from the network (a bad frame, a header block that is not a map,
 //! a payload that does not decode, a bad handshake) closes *that* connection, with a log line
@@ -51,6 +52,9 @@ use crate::frame::{
 };
 use crate::message::{frame_from_message, message_from_frame};
 use crate::stream::STREAM_CHANNEL;
+use crate::stream_rx::{
+    error_pair, is_stream_reply_id, Limits, PendingReply, StreamAction, StreamReceiver,
+};
 
 /// The channel of CellNet's own control messages.
 pub const CELLNET_CHANNEL: &str = "cellnet.channel";
@@ -90,6 +94,13 @@ pub struct WireConfig {
     pub queue_capacity: usize,
     /// The largest frame accepted or sent ([`MAX_FRAME_SIZE`]).
     pub max_frame_size: usize,
+    /// The largest streamed blob reassembled (4 GiB, NVFlare's `streaming_max_blob_size`).
+    pub max_stream_blob: u64,
+    /// The most bytes held by all streams being reassembled at once (4 GiB); a chunk beyond it
+    /// ends its stream with an error.
+    pub max_stream_buffer: u64,
+    /// The most streams reassembled at once (256); a new stream beyond it is refused.
+    pub max_open_streams: usize,
     /// First reconnection delay of a connector (1 s); it doubles after each failure.
     pub reconnect_initial: Duration,
     /// Longest reconnection delay (10 s).
@@ -104,6 +115,9 @@ impl Default for WireConfig {
             heartbeat_interval: Duration::from_secs(60),
             queue_capacity: 64,
             max_frame_size: MAX_FRAME_SIZE,
+            max_stream_blob: 4 * 1024 * 1024 * 1024,
+            max_stream_buffer: 4 * 1024 * 1024 * 1024,
+            max_open_streams: 256,
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(10),
         }
@@ -202,6 +216,7 @@ pub(crate) struct Inner {
     peers_changed: watch::Sender<u64>,
     shutdown: CancellationToken,
     next_conn_id: AtomicU64,
+    streams: StreamReceiver,
 }
 
 /// An NVFlare endpoint on TCP: the [`Transport`] of the cells of one fedrun process.
@@ -268,6 +283,11 @@ impl TcpTransport {
     /// [`TcpTransport::add_listener`] and [`TcpTransport::add_connector`]).
     pub fn new(own: Fqcn, config: WireConfig) -> TcpTransport {
         let (peers_changed, _) = watch::channel(0);
+        let streams = StreamReceiver::new(Limits {
+            max_blob: config.max_stream_blob,
+            max_buffered: config.max_stream_buffer,
+            max_open: config.max_open_streams,
+        });
         TcpTransport {
             inner: Arc::new(Inner {
                 own,
@@ -277,6 +297,7 @@ impl TcpTransport {
                 peers_changed,
                 shutdown: CancellationToken::new(),
                 next_conn_id: AtomicU64::new(1),
+                streams,
             }),
         }
     }
@@ -501,6 +522,18 @@ impl Inner {
     /// Sends a message from a local cell: deliver it locally, or encode it and queue it to the
     /// picked connection, then wait until it is written.
     pub(crate) async fn send_message(&self, mut msg: CellMessage) -> Result<(), CellReturnCode> {
+        if let Some(id) = is_stream_reply_id(&msg) {
+            return match self.streams.take_reply(id) {
+                Some(pending) => self.send_stream_reply(&pending, &msg).await,
+                None => {
+                    log::warn!(
+                        "endpoint {}: reply {id} answers no pending streamed request (expired?)",
+                        self.own
+                    );
+                    Err(CellReturnCode::CommError)
+                }
+            };
+        }
         let dest = match msg.headers.destination().map(Fqcn::new) {
             Some(Ok(d)) => d,
             Some(Err(e)) => {
@@ -530,13 +563,7 @@ impl Inner {
             );
             return Err(CellReturnCode::TargetUnreachable);
         };
-        let h = &mut msg.headers;
-        if h.from() != Some(self.own.as_str()) {
-            // a cell hosted behind this endpoint: this hop is a forward by the endpoint
-            h.push_route(self.own.as_str(), epoch_secs());
-        }
-        h.set_from(self.own.as_str());
-        h.set_to(peer.as_str());
+        self.stamp_hop(&mut msg.headers, &peer);
         let frame = frame_from_message(msg).map_err(|e| {
             log::warn!("endpoint {}: message to {dest} not sent: {e}", self.own);
             CellReturnCode::CommError
@@ -557,6 +584,48 @@ impl Inner {
             }
         }
         self.queue_and_wait(&peer, &link, frame).await
+    }
+
+    /// Sets this hop's `cn__from`/`cn__to`; a message from a cell hosted behind this endpoint
+    /// (not the endpoint's own cell) gets the endpoint appended to its route, as a forward.
+    fn stamp_hop(&self, h: &mut Headers, peer: &Fqcn) {
+        if h.from() != Some(self.own.as_str()) {
+            h.push_route(self.own.as_str(), epoch_secs());
+        }
+        h.set_from(self.own.as_str());
+        h.set_to(peer.as_str());
+    }
+
+    /// Sends a cell's reply to a streamed request as a stream on `return_only` (§9.5).
+    async fn send_stream_reply(
+        &self,
+        pending: &PendingReply,
+        reply: &CellMessage,
+    ) -> Result<(), CellReturnCode> {
+        let (requester, chunks) = self.streams.reply_chunks(&self.own, pending, reply)?;
+        let Some((peer, link)) = self.pick_link(&requester) else {
+            log::warn!(
+                "endpoint {}: streamed reply to {} not sent: no connection",
+                self.own,
+                pending.describe()
+            );
+            return Err(CellReturnCode::TargetUnreachable);
+        };
+        log::debug!(
+            "endpoint {}: streamed reply to {} in {} chunk(s)",
+            self.own,
+            pending.describe(),
+            chunks.len()
+        );
+        for mut chunk in chunks {
+            self.stamp_hop(&mut chunk.headers, &peer);
+            let frame = frame_from_message(chunk).map_err(|e| {
+                log::warn!("endpoint {}: streamed reply chunk not built: {e}", self.own);
+                CellReturnCode::CommError
+            })?;
+            self.queue_and_wait(&peer, &link, frame).await?;
+        }
+        Ok(())
     }
 
     /// Queues a frame to a connection (waiting for queue space) and waits until it is written.
@@ -641,12 +710,18 @@ impl Inner {
             return Ok(());
         }
         if h.channel() == Some(STREAM_CHANNEL) {
-            log::warn!(
-                "endpoint {}: streamed message ({}) from {peer} dropped: stream reassembly is not \
-                 implemented yet",
-                self.own,
-                h.topic().unwrap_or("")
-            );
+            for action in self.streams.on_message(&self.own, peer, msg) {
+                match action {
+                    StreamAction::Control(headers) => {
+                        let copy = error_pair(&headers);
+                        self.queue_answer(peer, headers, tx).await;
+                        if let Some(copy) = copy {
+                            self.queue_answer(peer, copy, tx).await;
+                        }
+                    }
+                    StreamAction::Deliver(msg) => self.deliver_local(peer, msg, tx).await,
+                }
+            }
             return Ok(());
         }
         self.deliver_local(peer, msg, tx).await;
@@ -799,6 +874,7 @@ impl Inner {
             }
         }
         self.peers_changed.send_modify(|g| *g += 1);
+        self.streams.forget_peer(peer.as_str());
         drop(tx);
         if let Err(e) = writer_task.await {
             log::warn!("endpoint {}: writer of {peer} ended badly: {e}", self.own);
