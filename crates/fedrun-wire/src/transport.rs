@@ -417,7 +417,8 @@ impl TcpTransport {
     }
 
     /// Says goodbye to every peer (a `cellnet.channel`/`bye` request each, written within
-    /// 0.5 s, replies not awaited), then closes every connection, listener and connector.
+    /// 0.5 s, replies not awaited), then stops every connection, listener and connector (their
+    /// sockets close in the background, see [`TcpTransport::wait_for_peer_gone`]).
     /// Idempotent. Cells on this transport stay up but can no longer reach anyone remote.
     pub async fn shutdown(&self) {
         if self.inner.shutdown.is_cancelled() {
@@ -551,7 +552,13 @@ impl Inner {
                 CellReturnCode::TargetUnreachable
             });
         }
-        let Some((peer, link)) = self.pick_link(&dest) else {
+        let route = if dest == self.own {
+            // this endpoint's own name without a cell behind it: never sent away
+            None
+        } else {
+            self.pick_link(&dest)
+        };
+        let Some((peer, link)) = route else {
             log::debug!(
                 "endpoint {}: no connection leads to {dest} (peers: {:?})",
                 self.own,
@@ -698,16 +705,11 @@ impl Inner {
     }
 
     /// Handles one decoded cell message that arrived from `peer`.
-    async fn handle_incoming(
-        &self,
-        peer: &Fqcn,
-        msg: CellMessage,
-        tx: &mpsc::Sender<Outbound>,
-    ) -> Result<(), WireError> {
+    async fn handle_incoming(&self, peer: &Fqcn, msg: CellMessage, tx: &mpsc::Sender<Outbound>) {
         let h = &msg.headers;
         if h.channel() == Some(CELLNET_CHANNEL) && h.topic() == Some(BYE_TOPIC) {
             self.answer_bye(peer, &msg, tx).await;
-            return Ok(());
+            return;
         }
         if h.channel() == Some(STREAM_CHANNEL) {
             for action in self.streams.on_message(&self.own, peer, msg) {
@@ -722,10 +724,9 @@ impl Inner {
                     StreamAction::Deliver(msg) => self.deliver_local(peer, msg, tx).await,
                 }
             }
-            return Ok(());
+            return;
         }
         self.deliver_local(peer, msg, tx).await;
-        Ok(())
     }
 
     /// Hands a message to the local cell it is addressed to, or answers `return`.
@@ -919,7 +920,7 @@ impl Inner {
             match frame.frame_type {
                 FrameType::Data if frame.app_id == APP_ID_CELLNET => {
                     let msg = message_from_frame(frame)?;
-                    self.handle_incoming(peer, msg, tx).await?;
+                    self.handle_incoming(peer, msg, tx).await;
                 }
                 FrameType::Data => log::warn!(
                     "endpoint {}: DATA frame for app {} from {peer} dropped (no such app)",

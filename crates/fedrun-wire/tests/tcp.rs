@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fedrun_cell::{
     header, request_handler, Cell, CellHandle, CellMessage, FireAndForget, Fqcn, Headers, MsgType,
-    Payload, SendRequest,
+    Payload, SendRequest, Transport,
 };
 use fedrun_core::{CellReturnCode, Shareable};
 use fedrun_wire::{
@@ -640,5 +640,25 @@ async fn many_concurrent_requests_share_one_connection() {
         assert_eq!(r.return_code(), CellReturnCode::Ok);
         assert_eq!(r.payload.as_shareable(), Some(&shareable(i as i64)));
     }
+    p.shutdown().await;
+}
+
+#[actix::test]
+async fn message_for_the_endpoints_own_name_without_a_cell_never_leaves() {
+    let p = pair().await;
+    let net = TcpTransport::new(fqcn("site-1.job2"), fast_config());
+    net.add_connector(&format!("tcp://{}", p.addr)).unwrap();
+    assert!(net.wait_for_peer(&Fqcn::SERVER, DEADLINE).await);
+    // without the rule it would leave on the `server` fallback connection
+    let to_self = CellMessage::empty().with_header(header::DESTINATION, "site-1.job2");
+    assert_eq!(
+        Transport::route(&net, to_self).await,
+        Err(CellReturnCode::TargetUnreachable)
+    );
+    assert_eq!(
+        Transport::route(&net, CellMessage::empty()).await,
+        Err(CellReturnCode::InvalidTarget)
+    );
+    net.shutdown().await;
     p.shutdown().await;
 }
