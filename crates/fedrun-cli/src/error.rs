@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use fedrun_core::CoreError;
 use fedrun_engine::EngineError;
+use fedrun_server::ServerError;
 
 /// What can go wrong in `fedrun simulate`.
 ///
@@ -77,9 +78,9 @@ pub enum CliError {
         #[source]
         source: EngineError,
     },
-    /// The server job failed to start or to run.
+    /// The server job failed to start (bad server config, cell, actors).
     #[error("server job: {0}")]
-    Server(String),
+    Server(#[from] ServerError),
     /// A model or a DXO is not what the job expects.
     #[error("bad model data: {0}")]
     Model(#[from] CoreError),

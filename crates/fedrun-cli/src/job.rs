@@ -221,6 +221,13 @@ impl JobDefinition {
         self.server_config["workflows"][first]["args"]["num_rounds"].as_u64()
     }
 
+    /// The `min_clients` of the ScatterAndGather workflow, if it says.
+    pub fn min_clients(&self) -> Option<u64> {
+        let indices = self.sag_workflows().ok()?;
+        let first = *indices.first()?;
+        self.server_config["workflows"][first]["args"]["min_clients"].as_u64()
+    }
+
     /// Sets the number of rounds of the ScatterAndGather workflow.
     pub fn set_num_rounds(&mut self, rounds: u64) -> Result<(), CliError> {
         self.set_sag_arg("num_rounds", json!(rounds))
