@@ -44,6 +44,8 @@ pub enum JobSource {
     BuiltIn,
     /// A job directory.
     Dir(PathBuf),
+    /// Configs given in code ([`JobDefinition::from_configs`]).
+    Inline,
 }
 
 /// A job: its meta and its two app configs, as JSON, ready for the simulator.
@@ -86,6 +88,36 @@ impl JobDefinition {
         let client = parse(CLIENT_CONFIG_FILE, BUILTIN_CLIENT)?;
         let server = parse(SERVER_CONFIG_FILE, BUILTIN_SERVER)?;
         Self::from_parts(JobSource::BuiltIn, "logreg", meta, client, server, &path)
+    }
+
+    /// A job from configs given in code (config variables are resolved as for a directory).
+    ///
+    /// # Example
+    /// ```
+    /// use fedrun_cli::job::JobDefinition;
+    /// use serde_json::json;
+    ///
+    /// let client = json!({"format_version": 2, "executors": []});
+    /// let server = json!({"format_version": 2, "num_rounds": 2, "workflows": [
+    ///     {"id": "sag", "name": "ScatterAndGather", "args": {"num_rounds": "{num_rounds}"}}]});
+    /// let job = JobDefinition::from_configs("mine", json!({}), client, server).unwrap();
+    /// assert_eq!(job.num_rounds(), Some(2));
+    /// ```
+    pub fn from_configs(
+        name: &str,
+        meta: Json,
+        client_config: Json,
+        server_config: Json,
+    ) -> Result<Self, CliError> {
+        let path = PathBuf::from(format!("<inline>/{name}"));
+        Self::from_parts(
+            JobSource::Inline,
+            name,
+            meta,
+            client_config,
+            server_config,
+            &path,
+        )
     }
 
     /// Reads the job directory `dir` (see the module doc for the layout).
@@ -210,6 +242,7 @@ impl JobDefinition {
         let path = match &self.source {
             JobSource::BuiltIn => PathBuf::from("<built-in>/examples/logreg"),
             JobSource::Dir(d) => d.clone(),
+            JobSource::Inline => PathBuf::from(format!("<inline>/{}", self.name)),
         };
         CliError::BadJob { path, reason }
     }

@@ -295,6 +295,9 @@ pub enum ClientEnd {
     Panicked(String),
     /// The runner did not end before the end-of-run deadline, even after being told to.
     TimedOut,
+    /// The site was stopped by [`SimulationControl::stop_client`] (its engine and its runner);
+    /// the runner's own outcome.
+    Stopped(RunOutcome),
 }
 
 impl ClientEnd {
@@ -322,6 +325,11 @@ impl fmt::Display for ClientEnd {
             ClientEnd::NotStarted(e) => write!(f, "did not start: {e}"),
             ClientEnd::Panicked(e) => write!(f, "panicked: {e}"),
             ClientEnd::TimedOut => f.write_str("did not end in time"),
+            ClientEnd::Stopped(o) => write!(
+                f,
+                "stopped; {} task(s), {} result(s) sent",
+                o.tasks_done, o.results_sent
+            ),
         }
     }
 }
@@ -437,6 +445,7 @@ pub struct SimulationControl {
     engines: Vec<EngineHandle>,
     runners: Vec<(String, RunnerControl)>,
     abort_reason: Arc<Mutex<Option<String>>>,
+    stopped: Arc<Mutex<HashSet<String>>>,
 }
 
 impl fmt::Debug for SimulationControl {
@@ -469,10 +478,23 @@ impl SimulationControl {
             })
     }
 
-    /// Stops `site`'s engine (its cell leaves the network), as if its process died.
+    /// Stops `site` as if its process died: its engine stops (its cell leaves the network) and
+    /// its runner ends at once (a running task is cut short, nothing more is sent). The server
+    /// then never hears from it again; the site's end is reported as [`ClientEnd::Stopped`].
     pub async fn stop_client(&self, site: &str) -> Result<(), CliError> {
-        self.engine(site)?.stop().await;
+        let engine = self.engine(site)?;
+        if let Ok(mut stopped) = self.stopped.lock() {
+            stopped.insert(site.to_owned());
+        }
+        engine.stop().await;
+        for (_, runner) in self.runners.iter().filter(|(s, _)| s == site) {
+            runner.end_run();
+        }
         Ok(())
+    }
+
+    fn was_stopped(&self, site: &str) -> bool {
+        self.stopped.lock().is_ok_and(|s| s.contains(site))
     }
 
     /// `site`'s engine.
@@ -593,6 +615,7 @@ impl Simulation {
                 .map(|s| (s.name.clone(), s.runner.control()))
                 .collect(),
             abort_reason: Arc::new(Mutex::new(None)),
+            stopped: Arc::new(Mutex::new(HashSet::new())),
         };
         Ok(Self {
             setup,
@@ -642,8 +665,12 @@ impl Simulation {
             .map(|s| {
                 let handle = s.runner.spawn();
                 let name = s.name;
+                let control = control.clone();
                 async move {
                     let end = match handle.await {
+                        Ok(Ok(outcome)) if control.was_stopped(&name) => {
+                            ClientEnd::Stopped(outcome)
+                        }
                         Ok(Ok(outcome)) => ClientEnd::Finished(outcome),
                         Ok(Err(e)) => ClientEnd::NotStarted(e.to_string()),
                         Err(join) => ClientEnd::Panicked(join.to_string()),
