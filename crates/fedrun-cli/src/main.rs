@@ -1,5 +1,5 @@
 //! The `fedrun` command: parses the command line and hands over to the library
-//! ([`fedrun_cli::simulate`]); everything else lives in the library so tests run the same code.
+//! ([`fedrun_cli::simulate()`]); everything else lives in the library so tests run the same code.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,7 +32,7 @@ struct SimulateArgs {
     /// Number of rounds [default: 5, or the job's num_rounds with --job].
     #[arg(short = 'r', long)]
     rounds: Option<u64>,
-    /// Workspace directory for the results [default: ./fedrun-workspace/<job-id>, or the
+    /// Workspace directory for the results [default: ./fedrun-workspace/JOB-ID, or the
     /// system temp dir when that cannot be created].
     #[arg(short = 'w', long)]
     workspace: Option<PathBuf>,

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use fedrun_core::NdArray;
+use fedrun_server::persistor::npy_file_name;
 use serde_json::{json, Value as Json};
 
 use crate::error::CliError;
@@ -99,8 +100,8 @@ pub fn write_metrics(
     write_json(&workspace.join(METRICS_FILE), &doc)
 }
 
-/// Writes the final model: one `<name>.npy` per array into `model_dir` (unless the file is
-/// already there, e.g. written by the persistor) and `model.json` into `workspace`, describing
+/// Writes the final model: one `.npy` per array into `model_dir`, named as the server's `.npy`
+/// persistor names them (unless the file is already there, written by the persistor) and `model.json` into `workspace`, describing
 /// each array (dtype, shape, file, and its values when small). Returns `model.json`'s path.
 pub fn write_model(
     workspace: &Path,
@@ -112,7 +113,7 @@ pub fn write_model(
         .map_err(|e| CliError::io("cannot create directory", model_dir, e))?;
     let mut described = Vec::with_capacity(arrays.len());
     for (name, array) in arrays {
-        let file = model_dir.join(format!("{}.npy", sanitize(name)));
+        let file = model_dir.join(npy_file_name(name));
         if !file.exists() {
             std::fs::write(&file, array.npy())
                 .map_err(|e| CliError::io("cannot write", &file, e))?;
@@ -139,19 +140,6 @@ pub fn write_model(
         obj.insert("arrays".to_owned(), Json::Array(described));
     }
     write_json(&workspace.join(MODEL_FILE), &doc)
-}
-
-/// A file-name-safe version of an array name.
-fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 fn write_json(path: &Path, doc: &Json) -> Result<PathBuf, CliError> {
