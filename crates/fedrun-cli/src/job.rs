@@ -218,8 +218,14 @@ impl JobDefinition {
                 "{SERVER_CONFIG_FILE}: no {SCATTER_AND_GATHER} workflow to set '{name}' on"
             )));
         }
-        for i in indices {
-            let workflow = &mut self.server_config["workflows"][i];
+        let workflows = self
+            .server_config
+            .get_mut("workflows")
+            .and_then(Json::as_array_mut);
+        for (i, workflow) in workflows.into_iter().flatten().enumerate() {
+            if !indices.contains(&i) {
+                continue;
+            }
             let Some(obj) = workflow.as_object_mut() else {
                 continue;
             };
@@ -229,22 +235,31 @@ impl JobDefinition {
                     args.insert(name.to_owned(), value.clone());
                 }
                 None => {
-                    return Err(self.bad(format!(
-                        "{SERVER_CONFIG_FILE}: workflow {i}: 'args' must be an object"
-                    )))
+                    return Err(CliError::BadJob {
+                        path: self.source_path(),
+                        reason: format!(
+                            "{SERVER_CONFIG_FILE}: workflow {i}: 'args' must be an object"
+                        ),
+                    })
                 }
             }
         }
         Ok(())
     }
 
-    fn bad(&self, reason: String) -> CliError {
-        let path = match &self.source {
+    fn source_path(&self) -> PathBuf {
+        match &self.source {
             JobSource::BuiltIn => PathBuf::from("<built-in>/examples/logreg"),
             JobSource::Dir(d) => d.clone(),
             JobSource::Inline => PathBuf::from(format!("<inline>/{}", self.name)),
-        };
-        CliError::BadJob { path, reason }
+        }
+    }
+
+    fn bad(&self, reason: String) -> CliError {
+        CliError::BadJob {
+            path: self.source_path(),
+            reason,
+        }
     }
 
     /// The number of rounds the ScatterAndGather workflow asks for, if it says.

@@ -67,6 +67,7 @@ impl RunObserver for ProgressObserver {
     }
 
     fn round_completed(&mut self, r: &RoundRecord) {
+        self.bar.inc(1);
         let total = self.bar.length().unwrap_or(0);
         let metric = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
         self.bar.set_message(format!(
@@ -75,7 +76,6 @@ impl RunObserver for ProgressObserver {
             metric(r.loss),
             metric(r.accuracy)
         ));
-        self.bar.inc(1);
     }
 }
 
