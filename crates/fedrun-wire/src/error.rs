@@ -118,6 +118,45 @@ pub enum WireError {
         /// What is wrong with it.
         problem: &'static str,
     },
+    /// A stream this endpoint sends got no ACK progress for too long (wire spec §9.3).
+    #[error(
+        "stream {stream_id}: no ACK progress for {waited:?} (receiver acknowledged {acked} bytes)"
+    )]
+    StreamAckTimeout {
+        /// `sm__id` of the stream.
+        stream_id: u64,
+        /// The no-progress limit that ran out.
+        waited: std::time::Duration,
+        /// Bytes the receiver had acknowledged.
+        acked: u64,
+    },
+    /// The receiver ended a stream this endpoint sends with `sm__ERROR` (wire spec §9.4).
+    #[error("stream {stream_id} rejected by {receiver}: {message}")]
+    StreamRejected {
+        /// `sm__id` of the stream.
+        stream_id: u64,
+        /// The receiving cell (`cn__origin` of the error).
+        receiver: String,
+        /// `sm__em`.
+        message: String,
+        /// `sm__et` (an NVFlare error class name such as `BlobSizeError`), if sent.
+        error_type: Option<String>,
+    },
+    /// A stream this endpoint sends could not go on: its connection closed or a chunk could
+    /// not be written.
+    #[error("stream {stream_id} interrupted: {reason}")]
+    StreamInterrupted {
+        /// `sm__id` of the stream.
+        stream_id: u64,
+        /// What happened.
+        reason: &'static str,
+    },
+    /// A message to send has no valid `cn__destination`.
+    #[error("invalid destination {0:?}")]
+    InvalidDestination(String),
+    /// No connection leads to the destination (wire spec §7.3).
+    #[error("no connection leads to {0}")]
+    NoRoute(String),
     /// A URL that is not `tcp://host:port`.
     #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl {

@@ -14,6 +14,8 @@
 //! - [`stream`]: the typed `sm__*` headers of NVFlare's streaming layer ([`StreamMessage`]).
 //! - `stream_rx` (internal): reassembly and acknowledgement of incoming NVFlare streams, and
 //!   the streamed reply (on `return_only`) to a streamed request.
+//! - [`stream_tx`]: sending NVFlare streams (chunks, windowed ACKs, streamed requests and the
+//!   matching of their streamed replies), configured by [`StreamSendConfig`].
 //! - [`transport`]: [`TcpTransport`], the [`fedrun_cell::Transport`] that runs cells over
 //!   TCP: listeners and reconnecting connectors, HELLO/READY, PING/PONG, the §7.3 route rule,
 //!   one bounded writer queue per connection.
@@ -42,6 +44,7 @@ pub mod frame;
 pub mod message;
 pub mod stream;
 mod stream_rx;
+pub mod stream_tx;
 pub mod transport;
 
 pub use codec::{SfmCodec, READ_RESERVE_LIMIT};
@@ -54,5 +57,9 @@ pub use message::{decode_payload, encode_payload, frame_from_message, message_fr
 pub use stream::StreamMessage;
 pub use stream_rx::{
     RECEIVER_ACK_INTERVAL, SEND_CHUNK_SIZE, SEND_WINDOW_SIZE, STREAM_REQ_ID_PREFIX,
+};
+pub use stream_tx::{
+    StreamChannels, StreamSendConfig, NVFLARE_UNSTREAMED_CHANNELS, SENDER_ACK_INTERVAL,
+    STREAM_ACK_TIMEOUT, STREAM_THRESHOLD,
 };
 pub use transport::{TcpTransport, TcpUrl, WireConfig, BYE_TOPIC, CELLNET_CHANNEL};

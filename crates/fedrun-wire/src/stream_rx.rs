@@ -19,7 +19,6 @@
 //! senders) and keeps the connection open: the stream protocol has its own error path.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,7 @@ use crate::stream::{
     key, Chunk, DataType, StreamMessage, RETURN_ONLY_CHANNEL, STREAM_CHANNEL, TOPIC_ACK,
     TOPIC_DATA, TOPIC_ERROR,
 };
+use crate::stream_tx::ChunkParams;
 
 /// Prefix of the request id given to a reassembled streamed request.
 pub const STREAM_REQ_ID_PREFIX: &str = "sm__ri:";
@@ -58,6 +58,14 @@ pub(crate) enum StreamAction {
     Control(Headers),
     /// Hand this complete message to the local cell it is addressed to.
     Deliver(CellMessage),
+    /// A streamed reply (on `return_only`) to the streamed request with this `sm__ri`; the
+    /// sending side knows which request that was.
+    Reply {
+        /// `sm__ri` of the stream.
+        request_id: String,
+        /// The reply as it arrived (`sm__*` headers removed).
+        reply: CellMessage,
+    },
 }
 
 /// A streamed request waiting for its cell's reply.
@@ -115,7 +123,6 @@ impl State {
 pub(crate) struct StreamReceiver {
     limits: Limits,
     state: Mutex<State>,
-    next_stream_id: AtomicU64,
 }
 
 /// A problem with one stream: reported to its sender, the stream is dropped.
@@ -133,12 +140,9 @@ fn refuse(message: String, error_type: &'static str) -> Refusal {
 
 impl StreamReceiver {
     pub(crate) fn new(limits: Limits) -> StreamReceiver {
-        // Sender-unique stream ids, like NVFlare's (epoch microseconds, then a counter).
-        let seed = (epoch_secs() * 1e6) as u64;
         StreamReceiver {
             limits,
             state: Mutex::new(State::default()),
-            next_stream_id: AtomicU64::new(seed),
         }
     }
 
@@ -279,8 +283,8 @@ impl StreamReceiver {
                     actions.push(self.error(own, peer, &headers, &c, r));
                     return actions;
                 }
-                match self.complete(&mut state, peer, st) {
-                    Ok(Some(msg)) => actions.push(StreamAction::Deliver(msg)),
+                match self.complete(&mut state, st) {
+                    Ok(Some(action)) => actions.push(action),
                     Ok(None) => {}
                     Err(r) => {
                         drop(state);
@@ -398,13 +402,9 @@ impl StreamReceiver {
         Ok(Progress::Nothing)
     }
 
-    /// The logical message of a complete stream (`None` for something nobody waits for).
-    fn complete(
-        &self,
-        state: &mut State,
-        peer: &Fqcn,
-        st: RxStream,
-    ) -> Result<Option<CellMessage>, Refusal> {
+    /// What to do with a complete stream: deliver its logical message, or hand a streamed
+    /// reply to the sending side (`None` for something nobody waits for).
+    fn complete(&self, state: &mut State, st: RxStream) -> Result<Option<StreamAction>, Refusal> {
         let Some(first) = st.first else {
             return Err(refuse("stream without chunk 0".into(), "StreamError"));
         };
@@ -426,17 +426,21 @@ impl StreamReceiver {
         let blob_len = blob.len() as u64;
         let payload = decode_payload(str_of(key::PAYLOAD_ENCODING).as_deref(), blob)
             .map_err(|e| refuse(e.to_string(), "StreamError"))?;
-        if channel == RETURN_ONLY_CHANNEL {
-            log::warn!(
-                "streamed reply {topic} from {origin} via {peer} dropped: this endpoint never \
-                 sends streamed requests"
-            );
-            return Ok(None);
-        }
         let mut headers: Headers = first
             .into_iter()
             .filter(|(k, _)| !k.starts_with(header::STREAM_PREFIX))
             .collect();
+        if channel == RETURN_ONLY_CHANNEL {
+            let Some(request_id) = request_id else {
+                log::warn!("streamed reply {topic} from {origin} without sm__ri dropped");
+                return Ok(None);
+            };
+            headers.set_payload_len(blob_len);
+            return Ok(Some(StreamAction::Reply {
+                request_id,
+                reply: CellMessage { headers, payload },
+            }));
+        }
         headers.set_channel(channel.as_str());
         headers.set_topic(topic.as_str());
         headers.set_msg_type(MsgType::Req);
@@ -472,7 +476,10 @@ impl StreamReceiver {
                 headers.set_reply_expected(false);
             }
         }
-        Ok(Some(CellMessage { headers, payload }))
+        Ok(Some(StreamAction::Deliver(CellMessage {
+            headers,
+            payload,
+        })))
     }
 
     /// The streamed request a reply with request id `id` answers, if it is one (removed: a
@@ -486,13 +493,14 @@ impl StreamReceiver {
 
     /// The chunk messages of the streamed reply `reply` to `pending`, from `own` (wire spec
     /// §9.5): channel `return_only`, topic `"<channel>:<topic>"`, the request's `sm__ri`, the
-    /// reply's return code, error and application headers, 1 MiB chunks. Not reliable (no
-    /// retries): TCP delivers in order, and Python accepts unreliable replies.
+    /// reply's return code, error and application headers, chunks of `params.chunk_size`.
+    /// Not reliable (no retries): TCP delivers in order, and Python accepts unreliable replies.
     pub(crate) fn reply_chunks(
         &self,
         own: &Fqcn,
         pending: &PendingReply,
         reply: &CellMessage,
+        params: &ChunkParams,
     ) -> Result<(Fqcn, Vec<CellMessage>), CellReturnCode> {
         let requester = Fqcn::new(pending.requester.as_str()).map_err(|e| {
             log::warn!("endpoint {own}: streamed reply to an invalid origin: {e}");
@@ -502,12 +510,13 @@ impl StreamReceiver {
             log::warn!("endpoint {own}: streamed reply to {requester} not sent: {e}");
             CellReturnCode::CommError
         })?;
-        let stream_id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
+        let stream_id = params.stream_id;
+        let chunk_size = params.chunk_size.max(1);
         let sender = reply.headers.origin().unwrap_or(own.as_str()).to_owned();
         let code = reply.return_code();
         let mut pieces: Vec<Bytes> = (0..blob.len())
-            .step_by(SEND_CHUNK_SIZE)
-            .map(|at| blob.slice(at..(at + SEND_CHUNK_SIZE).min(blob.len())))
+            .step_by(chunk_size)
+            .map(|at| blob.slice(at..at.saturating_add(chunk_size).min(blob.len())))
             .collect();
         if pieces.is_empty() {
             pieces.push(Bytes::new());
@@ -543,8 +552,8 @@ impl StreamReceiver {
             h.insert(key::OFFSET, offset);
             h.insert(key::RELIABLE, false);
             h.insert(key::OPTIONAL, true);
-            h.insert(key::CHUNK_SIZE, SEND_CHUNK_SIZE);
-            h.insert(key::WINDOW_SIZE, SEND_WINDOW_SIZE);
+            h.insert(key::CHUNK_SIZE, chunk_size);
+            h.insert(key::WINDOW_SIZE, params.window_size);
             if i == 0 {
                 h.insert(key::ACK_INTERVAL, RECEIVER_ACK_INTERVAL);
             }
@@ -711,6 +720,14 @@ mod tests {
         })
     }
 
+    fn params() -> ChunkParams {
+        ChunkParams {
+            stream_id: 7,
+            chunk_size: SEND_CHUNK_SIZE,
+            window_size: SEND_WINDOW_SIZE,
+        }
+    }
+
     fn pending() -> PendingReply {
         PendingReply {
             request_id: "ri".into(),
@@ -728,7 +745,9 @@ mod tests {
         let mut reply = CellMessage::new(Payload::Bytes(blob.clone()));
         reply.headers.set_origin("site-1.job1");
         reply.headers.insert("project_name", "p");
-        let (to, chunks) = receiver().reply_chunks(&own, &pending(), &reply).unwrap();
+        let (to, chunks) = receiver()
+            .reply_chunks(&own, &pending(), &reply, &params())
+            .unwrap();
         assert_eq!(to.as_str(), "server.job1");
         assert_eq!(chunks.len(), 3);
         let mut joined = Vec::new();
@@ -757,7 +776,7 @@ mod tests {
     fn empty_reply_is_one_empty_final_chunk() {
         let own = Fqcn::new("site-1.job1").unwrap();
         let (_, chunks) = receiver()
-            .reply_chunks(&own, &pending(), &CellMessage::empty())
+            .reply_chunks(&own, &pending(), &CellMessage::empty(), &params())
             .unwrap();
         assert_eq!(chunks.len(), 1);
         let StreamMessage::Chunk(p) = StreamMessage::parse(&chunks[0].headers).unwrap() else {

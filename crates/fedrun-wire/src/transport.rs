@@ -21,6 +21,10 @@
 //!   because a leaf does not forward (§6.6). Streamed messages (`sm__STREAM`) are reassembled and
 //!   acknowledged by the endpoint; the reply to a streamed request leaves as a stream on
 //!   `return_only`, as the Python requester expects.
+//! - **streaming out**: a request or fire-and-forget message above
+//!   [`StreamSendConfig::threshold`] (or on a channel chosen in
+//!   [`StreamSendConfig::channels`]) leaves as `sm__DATA` chunks with windowed ACKs, and its
+//!   streamed reply is matched back to the waiting request by `sm__ri` (see `stream_tx`).
 //!
 //! Anything wrong that comes from the network (a bad frame, a header block that is not a map,
 //! a payload that does not decode, a bad handshake) closes *that* connection, with a log line
@@ -31,7 +35,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use actix::Recipient;
@@ -50,19 +54,21 @@ use crate::error::WireError;
 use crate::frame::{
     epoch_secs, Frame, FrameType, HandshakeInfo, APP_ID_CELLNET, MAX_FRAME_SIZE, STREAM_ID_BASE,
 };
-use crate::message::{frame_from_message, message_from_frame};
-use crate::stream::STREAM_CHANNEL;
+use crate::message::{encode_payload, frame_from_message, message_from_frame};
+use crate::stream::{STREAM_CHANNEL, TOPIC_ACK, TOPIC_ERROR};
 use crate::stream_rx::{
     error_pair, is_stream_reply_id, Limits, PendingReply, StreamAction, StreamReceiver,
 };
+use crate::stream_tx::{ChunkParams, MessageChunks, StreamSendConfig, StreamSender, Transmission};
 
 /// The channel of CellNet's own control messages.
 pub const CELLNET_CHANNEL: &str = "cellnet.channel";
 /// The topic a peer says goodbye on (wire spec §6.8).
 pub const BYE_TOPIC: &str = "bye";
 
-/// How long [`TcpTransport::shutdown`] waits for its goodbyes to be written.
-const BYE_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long [`TcpTransport::shutdown`] waits for its goodbyes to be answered (NVFlare's `bye`
+/// request timeout).
+const BYE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -105,6 +111,8 @@ pub struct WireConfig {
     pub reconnect_initial: Duration,
     /// Longest reconnection delay (10 s).
     pub reconnect_max: Duration,
+    /// How (and when) messages are sent as NVFlare streams.
+    pub stream_send: StreamSendConfig,
 }
 
 impl Default for WireConfig {
@@ -120,6 +128,7 @@ impl Default for WireConfig {
             max_open_streams: 256,
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(10),
+            stream_send: StreamSendConfig::default(),
         }
     }
 }
@@ -217,6 +226,9 @@ pub(crate) struct Inner {
     shutdown: CancellationToken,
     next_conn_id: AtomicU64,
     streams: StreamReceiver,
+    /// Goodbyes of [`TcpTransport::shutdown`] waiting for the peer's answer, by request id.
+    bye_waiters: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    sender: StreamSender,
 }
 
 /// An NVFlare endpoint on TCP: the [`Transport`] of the cells of one fedrun process.
@@ -298,6 +310,8 @@ impl TcpTransport {
                 shutdown: CancellationToken::new(),
                 next_conn_id: AtomicU64::new(1),
                 streams,
+                bye_waiters: Mutex::new(HashMap::new()),
+                sender: StreamSender::new(),
             }),
         }
     }
@@ -416,10 +430,29 @@ impl TcpTransport {
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
 
-    /// Says goodbye to every peer (a `cellnet.channel`/`bye` request each, written within
-    /// 0.5 s, replies not awaited), then stops every connection, listener and connector (their
-    /// sockets close in the background, see [`TcpTransport::wait_for_peer_gone`]).
-    /// Idempotent. Cells on this transport stay up but can no longer reach anyone remote.
+    /// Sends `msg` (addressed by a cell: `cn__origin`, `cn__destination`, channel, topic, and
+    /// for a request `cn__req_id` with `cn__reply_expected`) to its remote destination as an
+    /// NVFlare stream, whatever its size, and returns once the receiver has acknowledged every
+    /// byte. A request's streamed reply is delivered to the local cell named by `cn__origin`
+    /// (the cell's own request path does all this by itself when
+    /// [`StreamSendConfig::wants_stream`] says so).
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::InvalidDestination`], [`WireError::NoRoute`] (also for a destination on this
+    /// endpoint), [`WireError::PayloadEncode`], [`WireError::StreamHeader`] (no channel, topic
+    /// or origin), [`WireError::StreamRejected`] (the receiver sent `sm__ERROR`),
+    /// [`WireError::StreamAckTimeout`], [`WireError::StreamInterrupted`].
+    pub async fn send_streamed(&self, msg: CellMessage) -> Result<(), WireError> {
+        self.inner.send_streamed(msg).await
+    }
+
+    /// Says goodbye to every peer (a `cellnet.channel`/`bye` request each; their answers are
+    /// awaited, 0.5 s at most in all, as NVFlare's `Cell.stop` does, so that a peer handles the
+    /// goodbye before it sees the connection close), then stops every connection, listener and
+    /// connector (their sockets close in the background, see
+    /// [`TcpTransport::wait_for_peer_gone`]). Idempotent. Cells on this transport stay up but
+    /// can no longer reach anyone remote.
     pub async fn shutdown(&self) {
         if self.inner.shutdown.is_cancelled() {
             return;
@@ -432,23 +465,40 @@ impl TcpTransport {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let byes = links.into_iter().map(|(peer, link)| {
-            let inner = Arc::clone(&self.inner);
-            async move {
-                let Some(frame) = inner.bye_request(&peer) else {
-                    return;
-                };
+        let mut bye_ids = Vec::with_capacity(links.len());
+        let byes = links.into_iter().filter_map(|(peer, link)| {
+            let req_id = uuid::Uuid::new_v4().to_string();
+            let frame = self.inner.bye_request(&peer, &req_id)?;
+            let (answer_tx, answered) = oneshot::channel();
+            self.inner
+                .bye_waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(req_id.clone(), answer_tx);
+            bye_ids.push(req_id);
+            Some(async move {
                 let (done, written) = oneshot::channel();
                 let out = Outbound {
                     frame,
                     done: Some(done),
                 };
-                if link.tx.send(out).await.is_ok() {
-                    let _ = written.await;
+                if link.tx.send(out).await.is_ok() && matches!(written.await, Ok(Ok(()))) {
+                    let _ = answered.await;
                 }
-            }
+            })
         });
-        let _ = tokio::time::timeout(BYE_WRITE_TIMEOUT, futures::future::join_all(byes)).await;
+        let byes: Vec<_> = byes.collect();
+        let _ = tokio::time::timeout(BYE_TIMEOUT, futures::future::join_all(byes)).await;
+        {
+            let mut waiters = self
+                .inner
+                .bye_waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for id in &bye_ids {
+                waiters.remove(id);
+            }
+        }
         log::info!("endpoint {}: shutting down", self.inner.own);
         self.inner.shutdown.cancel();
     }
@@ -570,11 +620,24 @@ impl Inner {
             );
             return Err(CellReturnCode::TargetUnreachable);
         };
-        self.stamp_hop(&mut msg.headers, &peer);
-        let frame = frame_from_message(msg).map_err(|e| {
+        let (encoding, body) = encode_payload(&msg.payload).map_err(|e| {
             log::warn!("endpoint {}: message to {dest} not sent: {e}", self.own);
             CellReturnCode::CommError
         })?;
+        if self
+            .config
+            .stream_send
+            .wants_stream(&msg.headers, body.len())
+        {
+            return self
+                .stream_out(&msg.headers, encoding, body, &dest, &peer, &link)
+                .await
+                .map_err(|e| send_error_code(&e));
+        }
+        self.stamp_hop(&mut msg.headers, &peer);
+        msg.headers.set_payload_encoding(encoding);
+        msg.headers.set_payload_len(body.len() as u64);
+        let frame = Frame::data(msg.headers, body);
         match frame.encoded_len() {
             Ok(len) if len > self.config.max_frame_size => {
                 log::warn!(
@@ -593,6 +656,84 @@ impl Inner {
         self.queue_and_wait(&peer, &link, frame).await
     }
 
+    /// [`TcpTransport::send_streamed`]: resolves the connection and streams `msg`.
+    async fn send_streamed(&self, msg: CellMessage) -> Result<(), WireError> {
+        let raw_dest = msg.headers.destination().unwrap_or("");
+        let dest =
+            Fqcn::new(raw_dest).map_err(|_| WireError::InvalidDestination(raw_dest.to_owned()))?;
+        let route = if dest == self.own || self.local_cell(&dest).is_some() {
+            None
+        } else {
+            self.pick_link(&dest)
+        };
+        let (peer, link) = route.ok_or_else(|| WireError::NoRoute(dest.to_string()))?;
+        let (encoding, body) = encode_payload(&msg.payload)?;
+        self.stream_out(&msg.headers, encoding, body, &dest, &peer, &link)
+            .await
+    }
+
+    /// Sends a cell's message (`logical`: its headers; `body`: its encoded payload) as an
+    /// NVFlare stream over `link` (wire spec §9.2, §9.3). A request that expects a reply gets a
+    /// fresh `sm__ri`, under which its streamed reply is expected.
+    async fn stream_out(
+        &self,
+        logical: &Headers,
+        encoding: fedrun_cell::PayloadEncoding,
+        body: bytes::Bytes,
+        dest: &Fqcn,
+        peer: &Fqcn,
+        link: &Link,
+    ) -> Result<(), WireError> {
+        let cfg = &self.config.stream_send;
+        let params = ChunkParams {
+            stream_id: self.sender.next_stream_id(),
+            chunk_size: cfg.effective_chunk_size(),
+            window_size: cfg.window_size,
+        };
+        let wants_reply = logical.msg_type() == Some(MsgType::Req)
+            && logical.reply_expected() == Some(true)
+            && logical.get(header::REQ_ID).is_some();
+        let request_id = wants_reply.then(|| uuid::Uuid::new_v4().to_string());
+        let size = body.len() as u64;
+        let chunks = MessageChunks::new(
+            logical,
+            encoding,
+            body,
+            request_id.clone(),
+            params,
+            cfg.ack_interval,
+        )?;
+        if let Some(ri) = &request_id {
+            self.sender.expect_reply(ri, logical);
+        }
+        let t = Transmission {
+            own: &self.own,
+            peer,
+            conn_id: link.conn_id,
+            tx: &link.tx,
+            target: dest,
+            stream_id: params.stream_id,
+            size,
+            window: cfg.window_size,
+            ack_timeout: cfg.ack_timeout,
+            what: format!(
+                "{}/{}",
+                logical.channel().unwrap_or(""),
+                logical.topic().unwrap_or("")
+            ),
+        };
+        let result = self
+            .sender
+            .transmit(&t, chunks, |h| self.stamp_hop(h, peer))
+            .await;
+        if result.is_err() {
+            if let Some(ri) = &request_id {
+                self.sender.forget_reply(ri);
+            }
+        }
+        result
+    }
+
     /// Sets this hop's `cn__from`/`cn__to`; a message from a cell hosted behind this endpoint
     /// (not the endpoint's own cell) gets the endpoint appended to its route, as a forward.
     fn stamp_hop(&self, h: &mut Headers, peer: &Fqcn) {
@@ -609,7 +750,15 @@ impl Inner {
         pending: &PendingReply,
         reply: &CellMessage,
     ) -> Result<(), CellReturnCode> {
-        let (requester, chunks) = self.streams.reply_chunks(&self.own, pending, reply)?;
+        let cfg = &self.config.stream_send;
+        let params = ChunkParams {
+            stream_id: self.sender.next_stream_id(),
+            chunk_size: cfg.effective_chunk_size(),
+            window_size: cfg.window_size,
+        };
+        let (requester, chunks) = self
+            .streams
+            .reply_chunks(&self.own, pending, reply, &params)?;
         let Some((peer, link)) = self.pick_link(&requester) else {
             log::warn!(
                 "endpoint {}: streamed reply to {} not sent: no connection",
@@ -624,15 +773,47 @@ impl Inner {
             pending.describe(),
             chunks.len()
         );
-        for mut chunk in chunks {
-            self.stamp_hop(&mut chunk.headers, &peer);
-            let frame = frame_from_message(chunk).map_err(|e| {
-                log::warn!("endpoint {}: streamed reply chunk not built: {e}", self.own);
-                CellReturnCode::CommError
-            })?;
-            self.queue_and_wait(&peer, &link, frame).await?;
+        let size = chunks
+            .iter()
+            .map(|c| c.payload.as_bytes().map_or(0, |b| b.len() as u64))
+            .sum();
+        let t = Transmission {
+            own: &self.own,
+            peer: &peer,
+            conn_id: link.conn_id,
+            tx: &link.tx,
+            target: &requester,
+            stream_id: params.stream_id,
+            size,
+            window: cfg.window_size,
+            ack_timeout: cfg.ack_timeout,
+            what: format!("reply to {}", pending.describe()),
+        };
+        self.sender
+            .transmit(&t, chunks.into_iter(), |h| self.stamp_hop(h, &peer))
+            .await
+            .map_err(|e| send_error_code(&e))
+    }
+
+    /// A streamed reply to a streamed request of a local cell: hands it to that cell.
+    async fn deliver_stream_reply(&self, peer: &Fqcn, request_id: &str, reply: CellMessage) {
+        let Some((requester, reply)) = self.sender.take_reply(&self.own, request_id, reply) else {
+            return;
+        };
+        let Some(cell) = self.local_cell(&requester) else {
+            log::warn!(
+                "endpoint {}: streamed reply from {peer} for {requester} dropped: no such local \
+                 cell",
+                self.own
+            );
+            return;
+        };
+        if let Err(e) = cell.send(Deliver(reply)).await {
+            log::warn!(
+                "endpoint {}: streamed reply from {peer} for {requester} dropped: cell gone ({e})",
+                self.own
+            );
         }
-        Ok(())
     }
 
     /// Queues a frame to a connection (waiting for queue space) and waits until it is written.
@@ -656,7 +837,7 @@ impl Inner {
     }
 
     /// The `cellnet.channel`/`bye` request to `peer` (wire spec §6.8).
-    fn bye_request(&self, peer: &Fqcn) -> Option<Frame> {
+    fn bye_request(&self, peer: &Fqcn, req_id: &str) -> Option<Frame> {
         let now = epoch_secs();
         let mut h = Headers::new();
         h.set_msg_type(MsgType::Req);
@@ -666,7 +847,7 @@ impl Inner {
         h.set_destination(peer.as_str());
         h.set_from(self.own.as_str());
         h.set_to(peer.as_str());
-        h.set_req_id(uuid::Uuid::new_v4().to_string());
+        h.set_req_id(req_id);
         h.set_reply_expected(true);
         h.set_route([(self.own.as_str(), now)]);
         h.set_send_time(now);
@@ -712,6 +893,11 @@ impl Inner {
             return;
         }
         if h.channel() == Some(STREAM_CHANNEL) {
+            if matches!(h.topic(), Some(TOPIC_ACK | TOPIC_ERROR)) {
+                // about a stream this endpoint sends
+                self.sender.on_control(&self.own, peer, &msg);
+                return;
+            }
             for action in self.streams.on_message(&self.own, peer, msg) {
                 match action {
                     StreamAction::Control(headers) => {
@@ -722,6 +908,9 @@ impl Inner {
                         }
                     }
                     StreamAction::Deliver(msg) => self.deliver_local(peer, msg, tx).await,
+                    StreamAction::Reply { request_id, reply } => {
+                        self.deliver_stream_reply(peer, &request_id, reply).await;
+                    }
                 }
             }
             return;
@@ -751,11 +940,21 @@ impl Inner {
         }
     }
 
-    /// `bye`: reply `ok` with no payload (the peer closes the connection next).
+    /// `bye`: reply `ok` with no payload (the peer closes the connection next). An answer to
+    /// one of our own goodbyes releases [`TcpTransport::shutdown`].
     async fn answer_bye(&self, peer: &Fqcn, msg: &CellMessage, tx: &mpsc::Sender<Outbound>) {
         let h = &msg.headers;
         if h.msg_type() != Some(MsgType::Req) {
             log::debug!("endpoint {}: bye answer from {peer}", self.own);
+            let mut waiters = self
+                .bye_waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for id in h.req_ids() {
+                if let Some(waiter) = waiters.remove(id) {
+                    let _ = waiter.send(());
+                }
+            }
             return;
         }
         log::info!("endpoint {}: {peer} says goodbye", self.own);
@@ -876,6 +1075,7 @@ impl Inner {
         }
         self.peers_changed.send_modify(|g| *g += 1);
         self.streams.forget_peer(peer.as_str());
+        self.sender.forget_connection(conn_id);
         drop(tx);
         if let Err(e) = writer_task.await {
             log::warn!("endpoint {}: writer of {peer} ended badly: {e}", self.own);
@@ -943,6 +1143,15 @@ impl Inner {
                 ),
             }
         }
+    }
+}
+
+/// The cell return code for a failed send.
+fn send_error_code(e: &WireError) -> CellReturnCode {
+    match e {
+        WireError::InvalidDestination(_) => CellReturnCode::InvalidTarget,
+        WireError::NoRoute(_) => CellReturnCode::TargetUnreachable,
+        _ => CellReturnCode::CommError,
     }
 }
 
