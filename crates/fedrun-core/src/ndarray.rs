@@ -157,6 +157,83 @@ impl fmt::Debug for NdArray {
     }
 }
 
+/// What the preamble of a `.npy` file says, read from its first bytes only (e.g. the first piece
+/// of a stream), so that a receiver can size and check what follows.
+///
+/// # Example
+/// ```
+/// use fedrun_core::ndarray::{DType, NdArray, NpyHeader};
+///
+/// let a = NdArray::from_f32(&[2, 3], &[0.0; 6]).unwrap();
+/// let h = NpyHeader::parse(&a.npy()[..a.data_offset() + 4]).unwrap();
+/// assert_eq!((h.dtype, h.shape.as_slice(), h.data_len), (DType::F32, &[2usize, 3][..], 24));
+/// assert_eq!(h.data_offset + h.data_len, a.npy().len());
+/// assert!(NpyHeader::parse(&a.npy()[..20]).is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NpyHeader {
+    /// numpy's descr string.
+    pub descr: String,
+    /// The element type.
+    pub dtype: DType,
+    /// The byte order of the elements.
+    pub byte_order: ByteOrder,
+    /// Fortran (column-major) storage.
+    pub fortran_order: bool,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// Where the data starts.
+    pub data_offset: usize,
+    /// How many data bytes follow the preamble.
+    pub data_len: usize,
+}
+
+impl NpyHeader {
+    /// Parses the preamble (magic, version, header) at the start of `prefix`, which must hold
+    /// at least the whole preamble but need not hold the data.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::InvalidNpy`] as for [`NdArray::from_npy`], or when the preamble is cut.
+    pub fn parse(prefix: &[u8]) -> Result<NpyHeader, CoreError> {
+        let (info, data_len) = parse_preamble(prefix)?;
+        Ok(NpyHeader {
+            descr: info.descr,
+            dtype: info.dtype,
+            byte_order: info.byte_order,
+            fortran_order: info.fortran_order,
+            shape: info.shape,
+            data_offset: info.data_offset,
+            data_len,
+        })
+    }
+
+    /// The size of one element, when the dtype has a fixed one.
+    pub fn item_size(&self) -> Option<usize> {
+        match self.dtype.item_size() {
+            Some(n) => Some(n),
+            None => parse_descr(&self.descr).ok().map(|(_, _, n)| n),
+        }
+    }
+}
+
+/// The header and padding numpy 2.x writes for a C-order array of `descr` and `shape` (magic,
+/// version, header length, header): the bytes that precede the data.
+///
+/// # Errors
+///
+/// [`CoreError::InvalidNpy`] when the header would be too long.
+pub fn npy_preamble(descr: &str, shape: &[usize]) -> Result<Vec<u8>, CoreError> {
+    let header = npy_header(descr, shape);
+    let hlen = u16::try_from(header.len()).map_err(|_| bad("header too long"))?;
+    let mut out = Vec::with_capacity(10 + header.len());
+    out.extend_from_slice(NPY_MAGIC);
+    out.extend_from_slice(&[1, 0]);
+    out.extend_from_slice(&hlen.to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    Ok(out)
+}
+
 fn bad(msg: impl Into<String>) -> CoreError {
     CoreError::InvalidNpy(msg.into())
 }
@@ -250,14 +327,63 @@ impl NdArray {
         } else {
             from_le
         };
-        let data = &self.npy[self.info.data_offset..];
-        let mut out = Vec::with_capacity(data.len() / N);
-        for chunk in data.chunks_exact(N) {
-            let mut b = [0u8; N];
-            b.copy_from_slice(chunk);
-            out.push(conv(b));
+        // exact-size iterator over fixed-size chunks: one allocation, a tight loop
+        Ok(self.npy[self.info.data_offset..]
+            .chunks_exact(N)
+            .map(|c| conv(le_array(c)))
+            .collect())
+    }
+
+    /// Calls `f(start, values)` for consecutive runs of the elements (storage order), decoded
+    /// into a small reused buffer of at most [`VISIT_CHUNK`] elements: the elements are read
+    /// without materialising the whole array.
+    fn visit<const N: usize, T: Copy + Default>(
+        &self,
+        want: DType,
+        from_le: fn([u8; N]) -> T,
+        from_be: fn([u8; N]) -> T,
+        mut f: impl FnMut(usize, &[T]),
+    ) -> Result<(), CoreError> {
+        self.check_dtype(want)?;
+        let conv = if self.info.byte_order == ByteOrder::Big {
+            from_be
+        } else {
+            from_le
+        };
+        let mut buf = vec![T::default(); VISIT_CHUNK.min(self.len())];
+        let mut start = 0;
+        for bytes in self.npy[self.info.data_offset..].chunks(VISIT_CHUNK * N) {
+            let n = bytes.len() / N;
+            for (slot, c) in buf.iter_mut().zip(bytes.chunks_exact(N)) {
+                *slot = conv(le_array(c));
+            }
+            f(start, &buf[..n]);
+            start += n;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Visits the elements of a `float32` array in storage order without materialising them:
+    /// `f(start, values)` gets consecutive runs (at most [`VISIT_CHUNK`] elements each), where
+    /// `start` is the index of `values[0]`. Big-endian data is converted. Any other dtype is an
+    /// error ([`CoreError::DTypeMismatch`]).
+    ///
+    /// # Example
+    /// ```
+    /// use fedrun_core::NdArray;
+    ///
+    /// let a = NdArray::from_f32(&[3], &[1.0, 2.0, 3.0]).unwrap();
+    /// let mut sum = 0.0;
+    /// a.for_each_f32(|_start, values| sum += values.iter().sum::<f32>()).unwrap();
+    /// assert_eq!(sum, 6.0);
+    /// ```
+    pub fn for_each_f32(&self, f: impl FnMut(usize, &[f32])) -> Result<(), CoreError> {
+        self.visit(DType::F32, f32::from_le_bytes, f32::from_be_bytes, f)
+    }
+
+    /// Visits the elements of a `float64` array (see [`NdArray::for_each_f32`]).
+    pub fn for_each_f64(&self, f: impl FnMut(usize, &[f64])) -> Result<(), CoreError> {
+        self.visit(DType::F64, f64::from_le_bytes, f64::from_be_bytes, f)
     }
 
     /// The elements of a `float32` array, in storage order. Big-endian data (`'>f4'`) is
@@ -294,6 +420,47 @@ impl NdArray {
             .iter()
             .map(|b| *b != 0)
             .collect())
+    }
+
+    /// The same array in C (row-major) order: `self` (a cheap clone) when it already is, or
+    /// when it has fewer than two dimensions; otherwise a reordered copy with the same descr.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::InvalidNpy`] for a dtype without a fixed item size.
+    pub fn to_c_order(&self) -> Result<NdArray, CoreError> {
+        let shape = &self.info.shape;
+        if !self.info.fortran_order || shape.len() < 2 {
+            return Ok(self.clone());
+        }
+        let (_, _, item) = parse_descr(&self.info.descr)?;
+        let data = &self.npy[self.info.data_offset..];
+        let n = self.len();
+        let mut out = BytesMut::from(&npy_preamble(&self.info.descr, shape)?[..]);
+        out.reserve(data.len());
+        // Walk the C-order indices; each element's Fortran offset has the first axis fastest.
+        let mut index = vec![0usize; shape.len()];
+        for _ in 0..n {
+            let mut offset = 0usize;
+            let mut stride = 1usize;
+            for (i, dim) in index.iter().zip(shape) {
+                offset += i * stride;
+                stride *= dim;
+            }
+            let at = offset * item;
+            out.put_slice(
+                data.get(at..at + item)
+                    .ok_or_else(|| bad("data too short"))?,
+            );
+            for axis in (0..shape.len()).rev() {
+                index[axis] += 1;
+                if index[axis] < shape[axis] {
+                    break;
+                }
+                index[axis] = 0;
+            }
+        }
+        NdArray::from_npy(out.freeze())
     }
 
     /// Build an array from raw little-endian element bytes, writing numpy 2.x's exact header.
@@ -350,36 +517,97 @@ impl NdArray {
     /// A C-order `float32` array (`'<f4'`). `data.len()` must equal the product of `shape`.
     pub fn from_f32(shape: &[usize], data: &[f32]) -> Result<NdArray, CoreError> {
         Self::build("<f4", DType::F32, 4, shape, data.len(), |b| {
-            for v in data {
-                b.put_f32_le(*v);
-            }
+            write_le(b, data, |v: &f32| v.to_le_bytes())
         })
+    }
+
+    /// A C-order `float32` array (`'<f4'`) written straight from an iterator, without an
+    /// intermediate `Vec`. The iterator must yield exactly the product of `shape` elements
+    /// (fewer or more is an error).
+    ///
+    /// # Example
+    /// ```
+    /// use fedrun_core::NdArray;
+    ///
+    /// let a = NdArray::from_f32(&[4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    /// let mut doubled = Vec::new();
+    /// a.for_each_f32(|_, v| doubled.extend(v.iter().map(|x| x * 2.0))).unwrap();
+    /// let b = NdArray::from_f32_iter(&[2, 2], doubled).unwrap();
+    /// assert_eq!(b.to_f32_vec().unwrap(), vec![2.0, 4.0, 6.0, 8.0]);
+    /// assert!(NdArray::from_f32_iter(&[3], [1.0f32]).is_err());
+    /// ```
+    pub fn from_f32_iter(
+        shape: &[usize],
+        values: impl IntoIterator<Item = f32>,
+    ) -> Result<NdArray, CoreError> {
+        Self::build_iter("<f4", DType::F32, shape, values, f32::to_le_bytes)
+    }
+
+    /// A C-order `float64` array (`'<f8'`) written straight from an iterator (see
+    /// [`NdArray::from_f32_iter`]).
+    pub fn from_f64_iter(
+        shape: &[usize],
+        values: impl IntoIterator<Item = f64>,
+    ) -> Result<NdArray, CoreError> {
+        Self::build_iter("<f8", DType::F64, shape, values, f64::to_le_bytes)
+    }
+
+    fn build_iter<const N: usize, T>(
+        descr: &str,
+        dtype: DType,
+        shape: &[usize],
+        values: impl IntoIterator<Item = T>,
+        to_le: fn(T) -> [u8; N],
+    ) -> Result<NdArray, CoreError> {
+        let count = checked_product(shape)?;
+        let mut written = 0usize;
+        let mut overflow = false;
+        let array = Self::build(descr, dtype, N, shape, count, |b| {
+            let start = b.len();
+            b.resize(start + count * N, 0);
+            let mut slots = b[start..].chunks_exact_mut(N);
+            for v in values {
+                match slots.next() {
+                    Some(slot) => slot.copy_from_slice(&to_le(v)),
+                    None => {
+                        overflow = true;
+                        break;
+                    }
+                }
+                written += 1;
+            }
+        })?;
+        if overflow || written != count {
+            return Err(bad(format!(
+                "shape {shape:?} holds {count} elements but the iterator gave {}",
+                if overflow {
+                    "more".to_owned()
+                } else {
+                    written.to_string()
+                }
+            )));
+        }
+        Ok(array)
     }
 
     /// A C-order `float64` array (`'<f8'`).
     pub fn from_f64(shape: &[usize], data: &[f64]) -> Result<NdArray, CoreError> {
         Self::build("<f8", DType::F64, 8, shape, data.len(), |b| {
-            for v in data {
-                b.put_f64_le(*v);
-            }
+            write_le(b, data, |v: &f64| v.to_le_bytes())
         })
     }
 
     /// A C-order `int32` array (`'<i4'`).
     pub fn from_i32(shape: &[usize], data: &[i32]) -> Result<NdArray, CoreError> {
         Self::build("<i4", DType::I32, 4, shape, data.len(), |b| {
-            for v in data {
-                b.put_i32_le(*v);
-            }
+            write_le(b, data, |v: &i32| v.to_le_bytes())
         })
     }
 
     /// A C-order `int64` array (`'<i8'`).
     pub fn from_i64(shape: &[usize], data: &[i64]) -> Result<NdArray, CoreError> {
         Self::build("<i8", DType::I64, 8, shape, data.len(), |b| {
-            for v in data {
-                b.put_i64_le(*v);
-            }
+            write_le(b, data, |v: &i64| v.to_le_bytes())
         })
     }
 
@@ -397,6 +625,25 @@ impl NdArray {
                 b.put_u8(u8::from(*v));
             }
         })
+    }
+}
+
+/// The most elements [`NdArray::for_each_f32`] and [`NdArray::for_each_f64`] hand over at once.
+pub const VISIT_CHUNK: usize = 16 * 1024;
+
+/// A chunk of exactly `N` bytes as an array (callers pass `chunks_exact(N)` items).
+fn le_array<const N: usize>(c: &[u8]) -> [u8; N] {
+    let mut b = [0u8; N];
+    b.copy_from_slice(c);
+    b
+}
+
+/// Appends the little-endian bytes of `data` in one resize and a tight loop.
+fn write_le<const N: usize, T>(b: &mut BytesMut, data: &[T], to_le: impl Fn(&T) -> [u8; N]) {
+    let start = b.len();
+    b.resize(start + data.len() * N, 0);
+    for (slot, v) in b[start..].chunks_exact_mut(N).zip(data) {
+        slot.copy_from_slice(&to_le(v));
     }
 }
 
@@ -432,7 +679,9 @@ fn npy_header(descr: &str, shape: &[usize]) -> String {
     header
 }
 
-fn parse_npy(npy: &[u8]) -> Result<NpyInfo, CoreError> {
+/// Parses the preamble at the start of `npy` (which may hold only part of the data); returns the
+/// header and the number of data bytes it announces.
+fn parse_preamble(npy: &[u8]) -> Result<(NpyInfo, usize), CoreError> {
     if npy.len() < 10 || &npy[..6] != NPY_MAGIC {
         return Err(bad("missing the \\x93NUMPY magic"));
     }
@@ -468,20 +717,29 @@ fn parse_npy(npy: &[u8]) -> Result<NpyInfo, CoreError> {
     let data_len = elements
         .checked_mul(item)
         .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
-    let actual = npy.len() - data_offset;
+    Ok((
+        NpyInfo {
+            descr,
+            dtype,
+            byte_order,
+            fortran_order,
+            shape,
+            data_offset,
+        },
+        data_len,
+    ))
+}
+
+fn parse_npy(npy: &[u8]) -> Result<NpyInfo, CoreError> {
+    let (info, data_len) = parse_preamble(npy)?;
+    let actual = npy.len() - info.data_offset;
     if actual != data_len {
         return Err(bad(format!(
-            "shape {shape:?} of {descr} needs {data_len} data bytes but there are {actual}"
+            "shape {:?} of {} needs {data_len} data bytes but there are {actual}",
+            info.shape, info.descr
         )));
     }
-    Ok(NpyInfo {
-        descr,
-        dtype,
-        byte_order,
-        fortran_order,
-        shape,
-        data_offset,
-    })
+    Ok(info)
 }
 
 /// Element type, byte order and item size of a descr such as `'<f4'`, `'|b1'`, `'<U5'`,
@@ -838,5 +1096,65 @@ mod tests {
         assert_eq!(a.dtype(), &DType::Other("<U2".into()));
         assert!(a.fortran_order());
         assert!(a.to_f32_vec().is_err());
+    }
+
+    #[test]
+    fn visiting_elements_sees_every_value_once_in_order() {
+        let n = VISIT_CHUNK * 2 + 5;
+        let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let a = NdArray::from_f32(&[n], &values).unwrap();
+        let mut seen = Vec::new();
+        let mut starts = Vec::new();
+        a.for_each_f32(|start, v| {
+            starts.push(start);
+            seen.extend_from_slice(v);
+        })
+        .unwrap();
+        assert_eq!(seen, values);
+        assert_eq!(starts, vec![0, VISIT_CHUNK, 2 * VISIT_CHUNK]);
+        assert!(a.for_each_f64(|_, _| {}).is_err());
+        let d = NdArray::from_f64_iter(&[2], [0.5, -1.5]).unwrap();
+        let mut got = Vec::new();
+        d.for_each_f64(|_, v| got.extend_from_slice(v)).unwrap();
+        assert_eq!(got, vec![0.5, -1.5]);
+    }
+
+    #[test]
+    fn iterator_builders_match_slice_builders_and_check_the_count() {
+        let v = [1.0f32, -2.5, 3.25, 0.0];
+        assert_eq!(
+            NdArray::from_f32_iter(&[2, 2], v).unwrap(),
+            NdArray::from_f32(&[2, 2], &v).unwrap()
+        );
+        assert!(NdArray::from_f32_iter(&[5], v).is_err());
+        assert!(NdArray::from_f32_iter(&[3], v).is_err());
+        assert!(NdArray::from_f64_iter(&[0], std::iter::empty())
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn header_is_read_from_a_prefix_and_c_order_copies_fortran_data() {
+        let a = NdArray::from_i32(&[2, 3], &[0, 1, 2, 3, 4, 5]).unwrap();
+        let h = NpyHeader::parse(&a.npy()[..a.data_offset()]).unwrap();
+        assert_eq!(h.data_len, 24);
+        assert_eq!(h.item_size(), Some(4));
+        assert_eq!(
+            npy_preamble("<i4", &[2, 3]).unwrap(),
+            a.npy()[..a.data_offset()].to_vec()
+        );
+        let mut data = Vec::new();
+        for v in [0i32, 3, 1, 4, 2, 5] {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        let f = NdArray::from_npy(npy_with_header(
+            "{'descr': '<i4', 'fortran_order': True, 'shape': (2, 3), }\n",
+            &data,
+        ))
+        .unwrap();
+        let c = f.to_c_order().unwrap();
+        assert!(!c.fortran_order());
+        assert_eq!(c.to_i32_vec().unwrap(), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(a.to_c_order().unwrap(), a);
     }
 }

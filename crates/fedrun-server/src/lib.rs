@@ -98,7 +98,9 @@ pub mod task;
 pub mod task_manager;
 pub mod workflow;
 
-pub use aggregator::{Aggregator, Contribution, FedAvg, SharedAggregator, NUM_STEPS_CURRENT_ROUND};
+pub use aggregator::{
+    Aggregator, Contribution, FedAvg, SharedAggregator, WeightedSum, NUM_STEPS_CURRENT_ROUND,
+};
 pub use config::{
     BuiltServerJob, ConfigEntry, FullModelShareableGenerator, ServerFactories, ServerJobConfig,
     WorkflowArgs, WorkflowFactory, FULL_MODEL_GENERATOR_CLASS, INTIME_AGGREGATOR_CLASS,

@@ -17,10 +17,11 @@ use fedrun_core::constants::header_key;
 use fedrun_core::{DataKind, Dxo, Map, Value};
 use futures::future::BoxFuture;
 
+use crate::aggregator::WeightedSum;
 use crate::aggregator::{local_steps, Aggregator, Contribution, NUM_STEPS_CURRENT_ROUND};
 use crate::controller::Controller;
 use crate::error::ServerError;
-use crate::model::{weights_from_dxo, weights_to_dxo, FloatArray, ModelWeights};
+use crate::model::{weights_from_dxo, weights_to_dxo, ModelWeights};
 use crate::persistor::ModelPersistor;
 use crate::protocol::{seconds, BROADCAST_METHOD};
 use crate::task::{Task, TaskResult};
@@ -388,18 +389,19 @@ fn apply(global: &mut ModelWeights, aggregate: &Dxo) -> Result<(), ServerError> 
                         "the aggregated difference has '{name}', which the global model lacks"
                     )));
                 };
-                let mut base = FloatArray::read(&name, current)?;
-                let diff = FloatArray::read(&name, &diff)?;
-                if base.shape != diff.shape {
+                if diff.shape() != current.shape() {
                     return Err(ServerError::InvalidModel(format!(
                         "the difference of '{name}' has shape {:?}, the model {:?}",
-                        diff.shape, base.shape
+                        diff.shape(),
+                        current.shape()
                     )));
                 }
-                for (b, d) in base.values.iter_mut().zip(&diff.values) {
-                    *b += d;
-                }
-                global.insert(name, base.write()?);
+                // one buffer: the model, then the difference added in place
+                let mut sum = WeightedSum::new(&name, "server", current.dtype(), current.shape())?;
+                sum.add_array("server", current, 1.0)?;
+                sum.add_array("aggregate", &diff.to_c_order()?, 1.0)
+                    .map_err(|e| ServerError::InvalidModel(e.to_string()))?;
+                global.insert(name, sum.into_sum()?);
             }
             Ok(())
         }
