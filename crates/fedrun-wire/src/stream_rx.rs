@@ -86,10 +86,49 @@ pub(crate) struct Limits {
     pub(crate) max_open: usize,
 }
 
+/// The in-order bytes of a stream so far: the first chunk as it came (a one-chunk stream is
+/// never copied), then one growing buffer the later chunks are copied into as they arrive, so
+/// that each chunk's frame buffer is freed at once and a stream costs its size once, not twice
+/// (chunks, then their concatenation).
+#[derive(Default)]
+enum Assembled {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Assembled {
+    fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::take(self) {
+            Assembled::Empty => Assembled::One(chunk),
+            Assembled::One(first) => {
+                let mut buf = BytesMut::with_capacity(first.len() + chunk.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&chunk);
+                Assembled::Many(buf)
+            }
+            Assembled::Many(mut buf) => {
+                // amortised growth; large buffers grow in place (no copy, no double RSS)
+                buf.extend_from_slice(&chunk);
+                Assembled::Many(buf)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Assembled::Empty => Bytes::new(),
+            Assembled::One(b) => b,
+            Assembled::Many(buf) => buf.freeze(),
+        }
+    }
+}
+
 struct RxStream {
     peer: String,
     first: Option<Headers>,
-    parts: Vec<Bytes>,
+    parts: Assembled,
     received: u64,
     next_seq: u64,
     pending: BTreeMap<u64, (Bytes, u64, bool)>,
@@ -236,7 +275,7 @@ impl StreamReceiver {
                 RxStream {
                     peer: peer.as_str().to_owned(),
                     first: None,
-                    parts: Vec::new(),
+                    parts: Assembled::Empty,
                     received: 0,
                     next_seq: 0,
                     pending: BTreeMap::new(),
@@ -408,16 +447,7 @@ impl StreamReceiver {
         let Some(first) = st.first else {
             return Err(refuse("stream without chunk 0".into(), "StreamError"));
         };
-        let blob = match st.parts.len() {
-            1 => st.parts.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut buf = BytesMut::with_capacity(st.received as usize);
-                for p in &st.parts {
-                    buf.extend_from_slice(p);
-                }
-                buf.freeze()
-            }
-        };
+        let blob = st.parts.into_bytes();
         let str_of = |k: &str| first.get(k).and_then(Value::as_str).map(str::to_owned);
         let channel = str_of(key::CHANNEL).unwrap_or_default();
         let topic = str_of(key::TOPIC).unwrap_or_default();
@@ -784,6 +814,24 @@ mod tests {
         };
         assert!(p.is_final && p.size == 0);
         assert_eq!(p.payload_encoding, Some(PayloadEncoding::None));
+    }
+
+    #[test]
+    fn one_chunk_is_kept_as_it_came_and_more_are_joined_in_order() {
+        let one = Bytes::from_static(b"abc");
+        let mut a = Assembled::default();
+        a.push(one.clone());
+        assert_eq!(
+            a.into_bytes().as_ptr(),
+            one.as_ptr(),
+            "no copy for one chunk"
+        );
+        let mut a = Assembled::default();
+        for piece in [&b"ab"[..], b"", b"cde", b"f"] {
+            a.push(Bytes::copy_from_slice(piece));
+        }
+        assert_eq!(&a.into_bytes()[..], b"abcdef");
+        assert!(Assembled::default().into_bytes().is_empty());
     }
 
     #[test]
