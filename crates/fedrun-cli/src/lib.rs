@@ -20,6 +20,10 @@
 //! - [`logreg`], [`trainer`], [`rng`]: the example model — logistic regression on synthetic
 //!   data each site generates from its own seed — and its executor, `LogRegTrainer`.
 //! - [`output`]: the per-round table, `metrics.json` and `model.json`.
+//! - [`transport`]: what carries the messages — the in-process network or NVFlare's wire over
+//!   loopback TCP (`fedrun simulate --transport tcp`).
+//! - [`server_cmd`] and [`client_cmd`]: `fedrun server` and `fedrun client`, the server job and
+//!   one client job as separate processes talking over TCP.
 //! - [`error`] holds [`CliError`], the crate's one error type.
 //!
 //! # Example: two sites, one round of the built-in job
@@ -41,17 +45,20 @@
 //! std::fs::remove_dir_all(&workspace).unwrap();
 //! ```
 
+pub mod client_cmd;
 pub mod error;
 pub mod factories;
 pub mod job;
 pub mod logreg;
 pub mod output;
 pub mod rng;
+pub mod server_cmd;
 pub mod simulate;
 pub mod trainer;
+pub mod transport;
 
 pub use error::CliError;
 pub use simulate::{
-    simulate, ClientEnd, ClientReport, NoObserver, RunObserver, RunStatus, SimulateOptions,
-    Simulation, SimulationControl, SimulationReport, SimulationSetup, Timing,
+    simulate, simulate_setup, ClientEnd, ClientReport, NoObserver, RunObserver, RunStatus,
+    SimulateOptions, Simulation, SimulationControl, SimulationReport, SimulationSetup, Timing,
 };

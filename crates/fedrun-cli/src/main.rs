@@ -1,12 +1,19 @@
 //! The `fedrun` command: parses the command line and hands over to the library
-//! ([`fedrun_cli::simulate()`]); everything else lives in the library so tests run the same code.
+//! ([`fedrun_cli::simulate_setup()`], [`fedrun_cli::server_cmd::serve`],
+//! [`fedrun_cli::client_cmd::run_client`]); everything else lives in the library so tests run
+//! the same code.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use fedrun_cli::client_cmd::{run_client, ClientOptions};
 use fedrun_cli::output::{format_table, RoundRecord};
-use fedrun_cli::{simulate, RunObserver, SimulateOptions};
+use fedrun_cli::server_cmd::{serve, ServerOptions, DEFAULT_END_OF_RUN_DEADLINE};
+use fedrun_cli::transport::TransportKind;
+use fedrun_cli::{simulate_setup, RunObserver, SimulateOptions, SimulationReport, SimulationSetup};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// fedrun: NVIDIA FLARE's client job engine in Rust.
@@ -20,8 +27,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a whole federation in this process: one server job (ScatterAndGather with FedAvg)
-    /// and N client jobs on an in-process network.
+    /// and N client jobs on an in-process network (or loopback TCP with --transport tcp).
     Simulate(SimulateArgs),
+    /// Run the server job of one run alone, for `fedrun client` processes that connect over
+    /// TCP. Prints `listening tcp://HOST:PORT job ID` on its first stdout line.
+    Server(ServerArgs),
+    /// Run one client job, connected to a `fedrun server` over TCP, until the server ends the
+    /// run.
+    Client(ClientArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +56,62 @@ struct SimulateArgs {
     /// Seed of the synthetic data (sets the `seed` argument of the job's executors).
     #[arg(short = 's', long)]
     seed: Option<u64>,
+    /// What carries the messages: one in-process network, or one NVFlare endpoint per job on
+    /// loopback TCP.
+    #[arg(short = 't', long, value_enum, default_value_t = TransportKind::InProc)]
+    transport: TransportKind,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServerArgs {
+    /// Address to listen on, HOST:PORT (port 0: any free port; the first stdout line says
+    /// which).
+    #[arg(short = 'l', long)]
+    listen: String,
+    /// The client sites, comma-separated (e.g. site-1,site-2); also the workflow's
+    /// min_clients.
+    #[arg(short = 'c', long, value_delimiter = ',', required = true)]
+    clients: Vec<String>,
+    /// Number of rounds [default: 5, or the job's num_rounds with --job].
+    #[arg(short = 'r', long)]
+    rounds: Option<u64>,
+    /// A job directory in NVFlare's layout [default: the built-in logistic-regression job].
+    #[arg(short = 'j', long)]
+    job: Option<PathBuf>,
+    /// Workspace directory for the results [default: ./fedrun-workspace/JOB-ID].
+    #[arg(short = 'w', long)]
+    workspace: Option<PathBuf>,
+    /// The job id (clients need the same) [default: a fresh UUID].
+    #[arg(long)]
+    job_id: Option<String>,
+    /// Give up (abort the run, exit non-zero) after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// How long clients wait before asking for a task again, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    poll_interval_ms: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// The server, tcp://HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// This client's site name (one of the server's --clients).
+    #[arg(short = 'n', long)]
+    name: String,
+    /// The job id the server prints.
+    #[arg(long)]
+    job_id: String,
+    /// A job directory in NVFlare's layout [default: the built-in logistic-regression job].
+    #[arg(short = 'j', long)]
+    job: Option<PathBuf>,
+    /// Seed of the synthetic data (sets the `seed` argument of the job's executors).
+    #[arg(short = 's', long)]
+    seed: Option<u64>,
+    /// Give up (end the run, exit non-zero) after this many seconds, connecting included.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +120,8 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match cli.command {
         Command::Simulate(args) => run_simulate(args),
+        Command::Server(args) => run_server(args),
+        Command::Client(args) => run_client_cmd(args),
     }
 }
 
@@ -79,6 +150,33 @@ impl RunObserver for ProgressObserver {
     }
 }
 
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Prints a finished run: summary line, per-round table, workspace and files.
+fn print_report(report: &SimulationReport) {
+    println!(
+        "job {} ({}), {} clients, {} round(s) in {:.2} s: {}",
+        report.job_name,
+        report.job_id,
+        report.sites.len(),
+        report.round_metrics.len(),
+        report.elapsed.as_secs_f64(),
+        report.status
+    );
+    print!("{}", format_table(&report.rounds()));
+    println!("workspace: {}", report.workspace.display());
+    for file in &report.files {
+        println!("  {}", file.display());
+    }
+}
+
 fn run_simulate(args: SimulateArgs) -> ExitCode {
     let options = SimulateOptions {
         clients: args.clients,
@@ -87,35 +185,78 @@ fn run_simulate(args: SimulateArgs) -> ExitCode {
         job: args.job,
         seed: args.seed,
     };
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let transport = args.transport;
+    let bar = progress_bar();
     let mut observer = ProgressObserver { bar: bar.clone() };
-    let result = actix::System::new().block_on(simulate(options, &mut observer));
+    let result = actix::System::new().block_on(async {
+        let mut setup = SimulationSetup::from_options(&options)?;
+        setup.transport = transport;
+        simulate_setup(setup, &mut observer).await
+    });
     bar.finish_and_clear();
     match result {
         Ok(report) => {
-            println!(
-                "job {} ({}), {} clients, {} round(s) in {:.2} s: {}",
-                report.job_name,
-                report.job_id,
-                report.sites.len(),
-                report.round_metrics.len(),
-                report.elapsed.as_secs_f64(),
-                report.status
-            );
-            print!("{}", format_table(&report.rounds()));
-            println!("workspace: {}", report.workspace.display());
-            for file in &report.files {
-                println!("  {}", file.display());
-            }
+            print_report(&report);
             ExitCode::SUCCESS
         }
         Err(e) => {
             // The message already names its cause (CliError's messages embed their sources).
             eprintln!("fedrun simulate: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_server(args: ServerArgs) -> ExitCode {
+    let options = ServerOptions {
+        listen: args.listen,
+        clients: args.clients,
+        rounds: args.rounds,
+        job: args.job,
+        workspace: args.workspace,
+        job_id: args.job_id,
+        timeout: Duration::from_secs(args.timeout),
+        poll_interval: Duration::from_millis(args.poll_interval_ms),
+        end_of_run_deadline: DEFAULT_END_OF_RUN_DEADLINE,
+    };
+    let bar = progress_bar();
+    let mut observer = ProgressObserver { bar: bar.clone() };
+    let result = actix::System::new().block_on(serve(options, &mut observer, |run| {
+        // Scripts and tests read this line for the port and the job id: flush it at once.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening {} job {}", run.url(), run.job_id());
+        let _ = out.flush();
+    }));
+    bar.finish_and_clear();
+    match result {
+        Ok(report) => {
+            print_report(&report);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fedrun server: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_client_cmd(args: ClientArgs) -> ExitCode {
+    let options = ClientOptions {
+        job: args.job,
+        seed: args.seed,
+        timeout: Duration::from_secs(args.timeout),
+        ..ClientOptions::new(&args.server, &args.name, &args.job_id)
+    };
+    match actix::System::new().block_on(run_client(options)) {
+        Ok(outcome) => {
+            println!(
+                "{} (job {}): run ended by the server; {} task(s), {} result(s) sent",
+                args.name, args.job_id, outcome.tasks_done, outcome.results_sent
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fedrun client {}: error: {e}", args.name);
             ExitCode::FAILURE
         }
     }

@@ -25,6 +25,9 @@
 //! model and how each client's run ended. [`simulate`] writes it into the workspace
 //! (`metrics.json`, `model.json`, the persistor's `models/`) and fails with
 //! [`CliError::RunFailed`] unless the run completed.
+//!
+//! [`SimulationSetup::transport`] picks what carries the messages: one in-process network
+//! (default), or loopback TCP with one NVFlare endpoint per job ([`crate::transport`]).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -32,7 +35,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fedrun_cell::Network;
 use fedrun_engine::{
     ClientEngine, ClientJobConfig, ClientRunner, ComponentFactory, EngineError, EngineHandle,
     RegisterComponentFactory, RunEnd, RunOutcome, RunnerConfig, RunnerControl, SetBuildAuthorizer,
@@ -50,6 +52,7 @@ use crate::factories::{server_factories, SiteFactory};
 use crate::job::JobDefinition;
 use crate::output::{write_metrics, write_model, RoundRecord};
 use crate::trainer::{register_logreg_factories, META_ACCURACY, META_LOSS};
+use crate::transport::{SimNetwork, TransportKind};
 
 /// The default number of client sites.
 pub const DEFAULT_CLIENTS: usize = 4;
@@ -151,6 +154,8 @@ pub struct SimulationSetup {
     /// Extra server component classes (on top of the server crate's and
     /// [`ZeroModelPersistor`](crate::factories::ZERO_MODEL_PERSISTOR_CLASS)), by class.
     pub server_factories: Vec<(String, ComponentFactory)>,
+    /// What carries the messages (default: the in-process network).
+    pub transport: TransportKind,
 }
 
 impl fmt::Debug for SimulationSetup {
@@ -173,6 +178,7 @@ impl fmt::Debug for SimulationSetup {
             .field("timing", &self.timing)
             .field("client_factories", &client)
             .field("server_factories", &server)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -193,6 +199,7 @@ impl SimulationSetup {
             timing: Timing::default(),
             client_factories: Vec::new(),
             server_factories: Vec::new(),
+            transport: TransportKind::default(),
         }
     }
 
@@ -239,7 +246,7 @@ impl SimulationSetup {
 
 /// Creates the workspace: `dir` if given, else `./fedrun-workspace/<job_id>`, else (when that
 /// cannot be created) `<temp>/fedrun-workspace/<job_id>`.
-fn prepare_workspace(dir: Option<&Path>, job_id: &str) -> Result<PathBuf, CliError> {
+pub(crate) fn prepare_workspace(dir: Option<&Path>, job_id: &str) -> Result<PathBuf, CliError> {
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir).map_err(|e| CliError::io("cannot create", dir, e))?;
         return Ok(dir.to_owned());
@@ -419,7 +426,7 @@ impl SimulationReport {
     }
 }
 
-fn record_of(m: &RoundMetrics) -> RoundRecord {
+pub(crate) fn record_of(m: &RoundMetrics) -> RoundRecord {
     RoundRecord {
         round: m.round,
         clients: m.clients.len(),
@@ -430,10 +437,10 @@ fn record_of(m: &RoundMetrics) -> RoundRecord {
 }
 
 /// One client site of a started simulation.
-struct Site {
-    name: String,
-    engine: EngineHandle,
-    runner: ClientRunner,
+pub(crate) struct Site {
+    pub(crate) name: String,
+    pub(crate) engine: EngineHandle,
+    pub(crate) runner: ClientRunner,
 }
 
 /// Steers a running simulation (cloneable; get it with [`Simulation::control`] before
@@ -534,6 +541,7 @@ pub struct Simulation {
     min_clients: usize,
     num_rounds: u64,
     control: SimulationControl,
+    network: SimNetwork,
 }
 
 impl fmt::Debug for Simulation {
@@ -578,23 +586,35 @@ impl Simulation {
             .unwrap_or(sites.len());
         let num_rounds = setup.job.num_rounds().unwrap_or(DEFAULT_ROUNDS);
 
-        let network = Network::new();
+        let network = SimNetwork::start(setup.transport).await?;
         let (events_tx, events) = mpsc::unbounded_channel();
-        let server = ServerJob::builder(&setup.job_id)
+        let server = match ServerJob::builder(&setup.job_id)
             .job_clients(&sites)
             .poll_interval(setup.timing.poll_interval)
             .events(events_tx)
-            .start(&network)
-            .await?;
+            .start_on(network.server_transport())
+            .await
+        {
+            Ok(server) => server,
+            Err(e) => {
+                network.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let mut started: Vec<Site> = Vec::with_capacity(sites.len());
         for site in &sites {
-            match start_client(&setup, &network, site, &sites, &client_config).await {
+            let client = async {
+                let transport = network.client_transport(site, &setup.job_id).await?;
+                start_client(&setup, transport, site, &sites, &client_config).await
+            };
+            match client.await {
                 Ok(s) => started.push(s),
                 Err(e) => {
                     for s in &started {
                         s.engine.stop().await;
                     }
                     server.stop().await;
+                    network.shutdown().await;
                     return Err(e);
                 }
             }
@@ -626,6 +646,7 @@ impl Simulation {
             min_clients,
             num_rounds,
             control,
+            network,
         })
     }
 
@@ -645,6 +666,7 @@ impl Simulation {
             min_clients,
             num_rounds,
             control,
+            network,
         } = self;
         let job_id = setup.job_id.clone();
         let started = Instant::now();
@@ -756,6 +778,7 @@ impl Simulation {
             engine.stop().await;
         }
         server.stop().await;
+        network.shutdown().await;
 
         let requested = control.abort_reason.lock().ok().and_then(|r| r.clone());
         let (status, model) = status_of(server_result, left_reason, requested);
@@ -808,7 +831,7 @@ fn site_index(sites: &[String], site: &str) -> usize {
 }
 
 /// The run's status and final model from the server's result and the reasons for an abort.
-fn status_of(
+pub(crate) fn status_of(
     server_result: Result<Result<Vec<WorkflowOutcome>, ServerError>, tokio::task::JoinError>,
     left_reason: Option<String>,
     requested: Option<String>,
@@ -835,9 +858,9 @@ fn status_of(
 
 /// Starts `site`'s engine, registers the factories, builds the job's executors and makes the
 /// runner.
-async fn start_client(
+pub(crate) async fn start_client(
     setup: &SimulationSetup,
-    network: &Network,
+    transport: crate::transport::JobTransport,
     site: &str,
     sites: &[&str],
     client_config: &ClientJobConfig,
@@ -848,7 +871,7 @@ async fn start_client(
     };
     let engine = ClientEngine::builder(site, &setup.job_id)
         .job_clients(sites)
-        .start(network)
+        .start_on(transport)
         .await
         .map_err(engine_err)?;
     let prepared = async {
@@ -905,7 +928,16 @@ pub async fn simulate(
     options: SimulateOptions,
     observer: &mut dyn RunObserver,
 ) -> Result<SimulationReport, CliError> {
-    let setup = SimulationSetup::from_options(&options)?;
+    simulate_setup(SimulationSetup::from_options(&options)?, observer).await
+}
+
+/// [`simulate`] from a prepared setup (e.g. [`SimulationSetup::from_options`] with another
+/// [`SimulationSetup::transport`]): start, run, write the results into the workspace. `Err`
+/// unless the run completed.
+pub async fn simulate_setup(
+    setup: SimulationSetup,
+    observer: &mut dyn RunObserver,
+) -> Result<SimulationReport, CliError> {
     let simulation = Simulation::start(setup).await?;
     let mut report = simulation.run(observer).await;
     report.write_outputs()?;
