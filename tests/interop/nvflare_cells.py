@@ -4,7 +4,14 @@
 One process hosts two NVFlare 2.9 cells, as a server-side deployment has them:
 
     "server"          the server root cell, listening on tcp://127.0.0.1:<port> (fedrun connects here)
-    "server.<job>"    the server job cell, a child of "server" through its internal listener
+    "server.<job>"    the server job cell, a child of "server"
+
+NVFlare delivers messages between cells of one process directly, so every frame on the wire is
+between fedrun and the root cell, which forwards "server.<job>" traffic as a server parent does.
+The job cell answers: task/echo (echoes the Shareable), aux_communication/interop_echo,
+server_command/get_task (a task with an inline numpy array), aux_communication/np_sum,
+server_command/submit_update (checks a byte pattern), aux_communication/interop_aux (the engine's
+aux request), and takes fire-and-forget messages on task/note and aux_communication/big_note.
 
 The Rust test drives this script: it writes one JSON command per line to stdin and reads one JSON
 event per line from stdout. Everything NVFlare logs goes to stderr. Events:
