@@ -188,9 +188,9 @@ pub async fn run_client(options: ClientOptions) -> Result<RunOutcome, CliError> 
             secs: options.timeout.as_secs(),
         }),
         Ended::ServerLost => Err(failed(format!(
-            "lost the server at {} for more than {} s",
+            "lost the server at {} for more than {:.1} s",
             options.server,
-            options.server_lost_grace.as_secs()
+            options.server_lost_grace.as_secs_f64()
         ))),
     }
 }

@@ -381,6 +381,39 @@ mod tests {
     }
 
     #[actix::test]
+    async fn each_simulated_client_job_is_its_own_endpoint_connected_to_the_server() {
+        let net = SimNetwork::start(TransportKind::Tcp).await.unwrap();
+        let mut clients = Vec::new();
+        for site in ["site-1", "site-2"] {
+            let JobTransport::Tcp(tcp) = net.client_transport(site, "j").await.unwrap() else {
+                panic!("a TCP simulation hands out TCP transports");
+            };
+            assert_eq!(tcp.own_fqcn().as_str(), format!("{site}.j"));
+            assert_eq!(tcp.peers(), [Fqcn::SERVER]);
+            clients.push(tcp);
+        }
+        let JobTransport::Tcp(server) = net.server_transport() else {
+            panic!("a TCP simulation hands out TCP transports");
+        };
+        let second = Fqcn::new("site-2.j").unwrap();
+        assert!(server.wait_for_peer(&second, Duration::from_secs(5)).await);
+        assert_eq!(server.peers(), [Fqcn::new("site-1.j").unwrap(), second]);
+        net.shutdown().await;
+        assert!(
+            clients[0]
+                .wait_for_peer_gone(&Fqcn::SERVER, Duration::from_secs(5))
+                .await
+        );
+
+        let inproc = SimNetwork::start(TransportKind::InProc).await.unwrap();
+        assert_eq!(inproc.server_url(), None);
+        assert!(matches!(
+            inproc.client_transport("site-1", "j").await.unwrap(),
+            JobTransport::InProc(_)
+        ));
+    }
+
+    #[actix::test]
     async fn a_port_in_use_is_refused_with_the_address() {
         let (first, addr) = listen_server("127.0.0.1:0").await.unwrap();
         let err = listen_server(&addr.to_string()).await.unwrap_err();
