@@ -69,6 +69,11 @@ pub const BYE_TOPIC: &str = "bye";
 /// How long [`TcpTransport::shutdown`] waits for its goodbyes to be answered (NVFlare's `bye`
 /// request timeout).
 const BYE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Answers (ACKs, stream errors, PONGs, returns, bye replies) that may wait for a connection's
+/// writer. They have their own queue, written before data frames, so that a reader never waits
+/// behind outgoing data (two endpoints streaming to each other would otherwise wait on each
+/// other's readers) and ACKs are not delayed by a window of queued chunks.
+const CONTROL_QUEUE_CAPACITY: usize = 256;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -1037,6 +1042,7 @@ impl Inner {
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let cancel = self.shutdown.child_token();
         let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_CAPACITY);
         let link = Link {
             conn_id,
             tx: tx.clone(),
@@ -1062,10 +1068,12 @@ impl Inner {
             peer.clone(),
             writer,
             rx,
+            control_rx,
             cancel.clone(),
             self.config.send_timeout,
         ));
-        let outcome = self.read_loop(&peer, reader, &tx, &cancel).await;
+        // everything the reader sends is an answer: it goes on the control queue
+        let outcome = self.read_loop(&peer, reader, &control_tx, &cancel).await;
         cancel.cancel();
         {
             let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
@@ -1077,6 +1085,7 @@ impl Inner {
         self.streams.forget_peer(peer.as_str());
         self.sender.forget_connection(conn_id);
         drop(tx);
+        drop(control_tx);
         if let Err(e) = writer_task.await {
             log::warn!("endpoint {}: writer of {peer} ended badly: {e}", self.own);
         }
@@ -1155,14 +1164,15 @@ fn send_error_code(e: &WireError) -> CellReturnCode {
     }
 }
 
-/// Writes queued frames in order, numbering them (sequence per connection, stream id per peer),
-/// until the queue closes or the connection is cancelled. A write that fails or takes longer
-/// than `send_timeout` closes the connection.
+/// Writes queued frames, control answers first, numbering them (sequence per connection, stream
+/// id per peer), until both queues close or the connection is cancelled. A write that fails or
+/// takes longer than `send_timeout` closes the connection.
 async fn write_loop(
     own: Fqcn,
     peer: Fqcn,
     mut writer: Writer,
     mut rx: mpsc::Receiver<Outbound>,
+    mut control: mpsc::Receiver<Outbound>,
     cancel: CancellationToken,
     send_timeout: Duration,
 ) {
@@ -1173,10 +1183,9 @@ async fn write_loop(
         let out = tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            out = rx.recv() => match out {
-                Some(out) => out,
-                None => break,
-            },
+            Some(out) = control.recv() => out,
+            Some(out) = rx.recv() => out,
+            else => break,
         };
         let Outbound { mut frame, done } = out;
         sequence = sequence.wrapping_add(1);

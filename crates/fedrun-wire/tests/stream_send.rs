@@ -773,3 +773,51 @@ async fn send_streamed_refuses_bad_or_unreachable_destinations() {
         Err(WireError::NoRoute(_))
     ));
 }
+
+#[actix::test]
+async fn big_streams_in_both_directions_at_once_both_arrive_intact() {
+    // tiny writer queues: the connection's writers are full most of the time, and each side's
+    // ACKs must get through while its own chunks wait
+    let config = |queue_capacity| WireConfig {
+        queue_capacity,
+        ..WireConfig::default()
+    };
+    let p = pair(config(1), config(1)).await;
+    let (tx, mut seen_by_job) = mpsc::channel(4);
+    p.job
+        .register_request_handler("test", "*", echo(tx))
+        .await
+        .unwrap();
+    let up = pattern(48 * MIB);
+    let down = pattern(40 * MIB);
+    let job_cell = p.job.clone();
+    let server = p.server.clone();
+    let (up_body, down_body) = (up.clone(), down.clone());
+    let to_server = actix::spawn(async move {
+        job_cell
+            .send_request(request(Payload::Bytes(up_body)))
+            .await
+    });
+    let to_job = actix::spawn(async move {
+        server
+            .send_request(SendRequest::new(
+                "test",
+                "echo",
+                job(),
+                CellMessage::new(Payload::Bytes(down_body)),
+                DEADLINE,
+            ))
+            .await
+    });
+    let (a, b) = futures::join!(to_server, to_job);
+    let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
+    assert_eq!(a.return_code(), CellReturnCode::Ok, "{:?}", a.headers);
+    assert_eq!(b.return_code(), CellReturnCode::Ok, "{:?}", b.headers);
+    assert!(a.payload.as_bytes() == Some(&up));
+    assert!(b.payload.as_bytes() == Some(&down));
+    assert!(timeout(DEADLINE, seen_by_job.recv())
+        .await
+        .unwrap()
+        .is_some());
+    p.shutdown().await;
+}
