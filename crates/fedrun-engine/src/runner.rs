@@ -59,9 +59,16 @@ use crate::error::EngineError;
 use crate::executor::TaskRouter;
 use crate::handle::EngineHandle;
 use crate::run_info::{MarkRunStarted, ReportError, SetCurrentTask};
+use crate::stream::{
+    ArraysProducer, ModelSlots, StreamObjects, MODEL_CHANNEL, MODEL_STREAM_HEADER, TOPIC_RESULT,
+    TOPIC_WEIGHTS,
+};
 
 /// The error-log group under which the runner reports failed tasks.
 pub const RUNNER_ERROR_GROUP: &str = "ClientRunner";
+
+/// The Shareable entry holding a DXO.
+const DXO_ENTRY: &str = "DXO";
 
 /// The reply key of the server in aux replies.
 const SERVER: &str = "server";
@@ -105,6 +112,9 @@ pub struct RunnerConfig {
     /// How long an aborted executor may take to return before it is dropped (5 s; not an NVFlare
     /// setting: NVFlare waits for its thread indefinitely).
     pub task_abort_grace: Duration,
+    /// How long a task whose model is streamed ([`MODEL_STREAM_HEADER`]) waits for the stream
+    /// to complete (300 s).
+    pub model_stream_timeout: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -119,6 +129,7 @@ impl Default for RunnerConfig {
             get_task_timeout: None,
             submit_task_result_timeout: None,
             task_abort_grace: Duration::from_secs(5),
+            model_stream_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -175,6 +186,8 @@ struct Shared {
     results_sent: AtomicUsize,
     /// A task was cut short by the stop signal or [`RunnerControl::abort_current_tasks`].
     task_aborted: AtomicBool,
+    /// Models streamed by the server, per stream id.
+    slots: ModelSlots,
 }
 
 /// How the checks before execution ended when they failed.
@@ -302,10 +315,23 @@ impl Shared {
                         Shareable::make_reply(AppReturnCode::TaskUnknown, None)
                     }
                     Some(executor) => {
-                        ctx = self.fire(event_type::BEFORE_TASK_EXECUTION, ctx).await;
-                        let result = self.execute(&*executor, name, task_id, data, &ctx).await;
-                        ctx = self.fire(event_type::AFTER_TASK_EXECUTION, ctx).await;
-                        result
+                        let stream_id = data
+                            .header_or_none(MODEL_STREAM_HEADER)
+                            .and_then(Value::as_str)
+                            .map(str::to_owned);
+                        match self.fill_model(name, stream_id.as_deref(), data).await {
+                            Err(refused) => refused,
+                            Ok(data) => {
+                                ctx = self.fire(event_type::BEFORE_TASK_EXECUTION, ctx).await;
+                                let result =
+                                    self.execute(&*executor, name, task_id, data, &ctx).await;
+                                ctx = self.fire(event_type::AFTER_TASK_EXECUTION, ctx).await;
+                                match stream_id {
+                                    Some(id) => self.stream_result(name, &id, result).await,
+                                    None => result,
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -322,6 +348,137 @@ impl Shared {
             result.set_return_code(AppReturnCode::Ok);
         }
         (result, ctx)
+    }
+
+    /// For a task whose model is streamed (`stream_id`): waits for the stream's arrays (the
+    /// runner's `model_stream_timeout`, or the stop) and puts them into the task's DXO. `Err`
+    /// is the result to send instead (TASK_ABORTED on stop, EXECUTION_EXCEPTION otherwise).
+    async fn fill_model(
+        &self,
+        name: &str,
+        stream_id: Option<&str>,
+        mut data: Shareable,
+    ) -> Result<Shareable, Shareable> {
+        let Some(id) = stream_id else {
+            return Ok(data);
+        };
+        log::debug!("{} task {name}: waiting for model stream {id}", self.prefix);
+        let arrays = match self
+            .slots
+            .take(id, self.config.model_stream_timeout, &self.stop)
+            .await
+        {
+            Ok(arrays) => arrays,
+            Err(why) if self.stop.is_triggered() => {
+                self.task_aborted.store(true, Ordering::SeqCst);
+                log::warn!("{} task {name}: {why} (TASK_ABORTED)", self.prefix);
+                return Err(Shareable::make_reply(AppReturnCode::TaskAborted, None));
+            }
+            Err(why) => {
+                let message = format!("task {name}: model stream {id} failed: {why}");
+                log::error!("{} {message} (EXECUTION_EXCEPTION)", self.prefix);
+                self.report("task", message).await;
+                return Err(Shareable::make_reply(
+                    AppReturnCode::ExecutionException,
+                    None,
+                ));
+            }
+        };
+        match data.get_mut(DXO_ENTRY).and_then(Value::as_map_mut) {
+            Some(dxo) => {
+                let mut merged = dxo
+                    .get("data")
+                    .and_then(Value::as_map)
+                    .cloned()
+                    .unwrap_or_default();
+                for (k, v) in arrays.iter() {
+                    merged.insert(k.clone(), v.clone());
+                }
+                dxo.insert("data", merged);
+                Ok(data)
+            }
+            None => {
+                let message = format!("task {name}: streamed model but the task has no DXO");
+                log::error!("{} {message} (EXECUTION_EXCEPTION)", self.prefix);
+                self.report("task", message).await;
+                Err(Shareable::make_reply(
+                    AppReturnCode::ExecutionException,
+                    None,
+                ))
+            }
+        }
+    }
+
+    /// For a task whose model came streamed: streams the result's arrays to the server on
+    /// (`fedrun.model`, `result`) — the DXO meta and kind go first, in the stream context — and
+    /// returns the result without its arrays, naming the stream. A result that is not an `OK`
+    /// DXO with arrays is returned as it is.
+    async fn stream_result(&self, name: &str, id: &str, mut result: Shareable) -> Shareable {
+        if !result.return_code().is_ok() {
+            return result;
+        }
+        let Ok(dxo) = fedrun_core::Dxo::from_shareable(&result) else {
+            return result;
+        };
+        let mut arrays = Vec::new();
+        let mut rest = fedrun_core::Map::new();
+        for (k, v) in dxo.data.iter() {
+            match (k.as_str(), v.as_ndarray()) {
+                (Some(key), Some(a)) => arrays.push((key.to_owned(), a.clone())),
+                _ => {
+                    rest.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        if arrays.is_empty() {
+            return result;
+        }
+        let failed = |why: String| async move {
+            let message = format!("task {name}: result stream failed: {why}");
+            log::error!("{} {message} (EXECUTION_EXCEPTION)", self.prefix);
+            self.report("task", message).await;
+            Shareable::make_reply(AppReturnCode::ExecutionException, None)
+        };
+        let producer = match ArraysProducer::new(arrays) {
+            Ok(p) => p,
+            Err(e) => return failed(e).await,
+        };
+        let mut stream_ctx = fedrun_core::StreamContext::new();
+        stream_ctx.set(crate::stream::arrays::CTX_STREAM_ID, id);
+        stream_ctx.set(crate::stream::arrays::CTX_SITE, self.engine.site());
+        stream_ctx.set(crate::stream::arrays::CTX_META, dxo.meta.clone());
+        stream_ctx.set(crate::stream::arrays::CTX_KIND, dxo.kind.to_value());
+        let msg = StreamObjects::new(MODEL_CHANNEL, TOPIC_RESULT, AuxTargets::Server, producer)
+            .with_stream_ctx(stream_ctx);
+        let outcome = tokio::select! {
+            biased;
+            _ = self.stop.triggered() => None,
+            o = self.engine.send(msg) => Some(o),
+        };
+        match outcome {
+            None => {
+                self.task_aborted.store(true, Ordering::SeqCst);
+                log::warn!(
+                    "{} task {name}: stopped while streaming the result",
+                    self.prefix
+                );
+                Shareable::make_reply(AppReturnCode::TaskAborted, None)
+            }
+            Some(Ok(Ok(o))) if o.rc.is_ok() => {
+                log::info!(
+                    "{} task {name}: result streamed in {} piece(s) ({id})",
+                    self.prefix,
+                    o.pieces
+                );
+                if let Some(d) = result.get_mut(DXO_ENTRY).and_then(Value::as_map_mut) {
+                    d.insert("data", rest);
+                }
+                result.set_header(MODEL_STREAM_HEADER, id);
+                result
+            }
+            Some(Ok(Ok(o))) => failed(format!("{} ({:?})", o.rc, o.result)).await,
+            Some(Ok(Err(e)) | Err(e)) => failed(e.to_string()).await,
+        }
     }
 
     /// Runs the executor with a child of the stop signal; see the module doc for aborts.
@@ -715,6 +872,7 @@ impl ClientRunner {
                 tasks_done: AtomicUsize::new(0),
                 results_sent: AtomicUsize::new(0),
                 task_aborted: AtomicBool::new(false),
+                slots: ModelSlots::new(),
             }),
         }
     }
@@ -847,6 +1005,11 @@ impl ClientRunner {
         shared
             .engine
             .register_aux_message_handler(reserved_topic::DO_TASK, do_task)
+            .await?;
+        // the ready-made consumer of models the server streams (large-model ScatterAndGather)
+        shared
+            .engine
+            .register_stream_processing(MODEL_CHANNEL, TOPIC_WEIGHTS, shared.slots.clone())
             .await
     }
 

@@ -52,6 +52,7 @@ fn fast() -> RunnerConfig {
         get_task_timeout: None,
         submit_task_result_timeout: None,
         task_abort_grace: Duration::from_secs(3),
+        model_stream_timeout: Duration::from_secs(5),
     }
 }
 

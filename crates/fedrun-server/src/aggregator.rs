@@ -56,6 +56,12 @@ pub trait Aggregator: Send + Sync {
     ///
     /// Any [`ServerError`]; the round then fails with it.
     fn aggregate(&self, contributions: &[Contribution]) -> Result<Dxo, ServerError>;
+
+    /// The FedAvg settings when this aggregator is a plain [`FedAvg`]: ScatterAndGather then
+    /// averages streamed results incrementally, chunk by chunk (default: `None`).
+    fn fed_avg(&self) -> Option<&FedAvg> {
+        None
+    }
 }
 
 /// An aggregator as a job component (what config factories build and workflows look up by
@@ -444,6 +450,10 @@ pub(crate) fn contribution_weight(avg: &FedAvg, client: &str, steps: f64) -> f64
 }
 
 impl Aggregator for FedAvg {
+    fn fed_avg(&self) -> Option<&FedAvg> {
+        Some(self)
+    }
+
     fn aggregate(&self, contributions: &[Contribution]) -> Result<Dxo, ServerError> {
         let Some(first) = contributions.first() else {
             return Err(ServerError::Aggregation(

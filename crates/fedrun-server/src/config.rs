@@ -11,7 +11,7 @@
 //!
 //! | class | builds | args |
 //! |---|---|---|
-//! | [`SAG_CLASS`] | [`ScatterAndGather`] | `min_clients` (1000, NVFlare's default), `num_rounds` (5), `start_round` (0), `wait_time_after_min_received` (0), `aggregator_id` (`aggregator`), `persistor_id` (`persistor`), `shareable_generator_id` (`shareable_generator`), `train_task_name` (`train`), `train_timeout` (0 = none), `persist_every_n_rounds` (1) |
+//! | [`SAG_CLASS`] | [`ScatterAndGather`] | `min_clients` (1000, NVFlare's default), `num_rounds` (5), `start_round` (0), `wait_time_after_min_received` (0), `aggregator_id` (`aggregator`), `persistor_id` (`persistor`), `shareable_generator_id` (`shareable_generator`), `train_task_name` (`train`), `train_timeout` (0 = none), `persist_every_n_rounds` (1), `stream_threshold` (64 MiB; fedrun's, 0 = never stream) |
 //! | [`INTIME_AGGREGATOR_CLASS`] | [`FedAvg`] | `expected_data_kind` (`WEIGHT_DIFF`, NVFlare's default), `aggregation_weights` ({}), `weigh_by_local_iter` (true) |
 //! | [`NPY_PERSISTOR_CLASS`] | [`NpyPersistor`] | `dir` (`models`), `initial_model` (a model directory; default: the model saved in `dir`) |
 //! | [`NP_MODEL_PERSISTOR_CLASS`] | [`NpyPersistor`] | `model_dir` (`models`), `model_name` (`server.npy`): NVFlare's numpy persistor; starts from `model_dir/model_name` as array `numpy_key`, else from NVFlare's 3×3 `float32` default |
@@ -663,6 +663,7 @@ fn build_sag(wf: WorkflowArgs) -> Result<Box<dyn Workflow>, String> {
     let train_task_name = a.string("train_task_name", "train")?;
     let train_timeout = a.seconds("train_timeout")?;
     let persist_every = a.u32("persist_every_n_rounds", 1)?;
+    let stream_threshold = a.uint("stream_threshold", crate::sag::DEFAULT_STREAM_THRESHOLD)?;
     a.finish();
     let aggregator = wf.aggregator(&aggregator_id)?;
     let persistor = wf.persistor(&persistor_id)?;
@@ -677,7 +678,8 @@ fn build_sag(wf: WorkflowArgs) -> Result<Box<dyn Workflow>, String> {
         .with_wait_time_after_min_received(wait)
         .with_train_task_name(train_task_name)
         .with_train_timeout(train_timeout)
-        .with_persist_every_n_rounds(persist_every);
+        .with_persist_every_n_rounds(persist_every)
+        .with_stream_threshold(stream_threshold);
     config.aggregator_id = aggregator_id;
     Ok(Box::new(
         ScatterAndGather::new(config, aggregator, persistor).with_id(wf.id.as_str()),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use actix::Addr;
 use fedrun_cell::AbortSignal;
+use fedrun_engine::StreamProcessor;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -54,6 +55,7 @@ pub struct Controller {
     tasks: Addr<TaskManager>,
     run_abort: AbortSignal,
     events: Option<mpsc::UnboundedSender<WorkflowEvent>>,
+    stream: Option<Addr<StreamProcessor>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -90,6 +92,7 @@ impl Controller {
         tasks: Addr<TaskManager>,
         run_abort: AbortSignal,
         events: Option<mpsc::UnboundedSender<WorkflowEvent>>,
+        stream: Option<Addr<StreamProcessor>>,
     ) -> Self {
         Controller {
             job_id,
@@ -98,7 +101,13 @@ impl Controller {
             tasks,
             run_abort,
             events,
+            stream,
         }
+    }
+
+    /// The server job's object streamer (large models travel through it), when it has one.
+    pub fn stream_processor(&self) -> Option<&Addr<StreamProcessor>> {
+        self.stream.as_ref()
     }
 
     /// The job id.

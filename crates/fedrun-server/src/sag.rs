@@ -10,15 +10,24 @@
 //! `min_clients` usable results fails the workflow: there is never a silent partial model.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fedrun_core::constants::header_key;
-use fedrun_core::{DataKind, Dxo, Map, Value};
+use fedrun_core::ndarray::NpyHeader;
+use fedrun_core::{DataKind, Dxo, FlContext, Map, Shareable, StreamContext, Value};
+use fedrun_engine::stream::arrays::{CTX_KIND, CTX_META, CTX_SITE, CTX_STREAM_ID};
+use fedrun_engine::stream::{
+    ArrayPiece, ArraysProducer, ConsumeResult, ConsumerFactory, EndStream, ObjectConsumer,
+    MODEL_CHANNEL, MODEL_STREAM_HEADER, TOPIC_RESULT, TOPIC_WEIGHTS,
+};
+use fedrun_engine::{AuxTargets, RegisterStreamProcessing, StreamObjects};
 use futures::future::BoxFuture;
 
 use crate::aggregator::WeightedSum;
-use crate::aggregator::{local_steps, Aggregator, Contribution, NUM_STEPS_CURRENT_ROUND};
+use crate::aggregator::{
+    contribution_weight, local_steps, Aggregator, Contribution, FedAvg, NUM_STEPS_CURRENT_ROUND,
+};
 use crate::controller::Controller;
 use crate::error::ServerError;
 use crate::model::{weights_from_dxo, weights_to_dxo, ModelWeights};
@@ -66,7 +75,14 @@ pub struct SagConfig {
     pub persist_every_n_rounds: u32,
     /// The aggregator's component id, sent in the task operator header.
     pub aggregator_id: String,
+    /// Models of at least this many `.npy` bytes are streamed (0: never); see
+    /// "Large models in ScatterAndGather" in `docs/streaming.md`. Default
+    /// [`DEFAULT_STREAM_THRESHOLD`].
+    pub stream_threshold: u64,
 }
+
+/// The default [`SagConfig::stream_threshold`]: 64 MiB.
+pub const DEFAULT_STREAM_THRESHOLD: u64 = 64 << 20;
 
 impl SagConfig {
     /// `min_clients` and `num_rounds`, with NVFlare's defaults for the rest: start at round 0,
@@ -82,7 +98,14 @@ impl SagConfig {
             train_timeout: None,
             persist_every_n_rounds: 1,
             aggregator_id: "aggregator".to_owned(),
+            stream_threshold: DEFAULT_STREAM_THRESHOLD,
         }
+    }
+
+    /// Sets the size from which the model is streamed (0: never).
+    pub fn with_stream_threshold(mut self, bytes: u64) -> Self {
+        self.stream_threshold = bytes;
+        self
     }
 
     /// Sets the first round's number.
@@ -138,6 +161,7 @@ pub struct ScatterAndGather {
     config: SagConfig,
     aggregator: Arc<dyn Aggregator>,
     persistor: Arc<dyn ModelPersistor>,
+    streamed: Option<RoundSlot>,
 }
 
 impl std::fmt::Debug for ScatterAndGather {
@@ -161,6 +185,7 @@ impl ScatterAndGather {
             config,
             aggregator,
             persistor,
+            streamed: None,
         }
     }
 
@@ -233,41 +258,73 @@ impl ScatterAndGather {
                 round,
                 source: Box::new(source),
             };
-            let task = self.round_task(round, &global);
+            let stream_id = self.stream_round(ctl, round, &global).await?;
+            let mut task = self.round_task(round, &global);
+            let model_stream = match &stream_id {
+                Some(sid) => {
+                    task = self.round_task(round, &ModelWeights::new());
+                    task.data.set_header(MODEL_STREAM_HEADER, sid.as_str());
+                    Some(self.send_model(ctl, sid, &global)?)
+                }
+                None => None,
+            };
             let id = self.id.clone();
-            let results = ctl
-                .broadcast_and_wait_with(
-                    task,
-                    None,
-                    self.config.min_clients,
-                    self.config.wait_time_after_min_received,
-                    ctl.abort_signal(),
-                    |r: &TaskResult| {
-                        ctl.emit(WorkflowEvent::ResultReceived {
-                            workflow: id.clone(),
-                            round,
-                            client: r.client.clone(),
-                            success: r.is_success(),
-                        })
-                    },
-                )
-                .await
-                .map_err(failed)?;
-            let (contributions, mut failed_clients) = self.usable(ctl, round, results);
-            if contributions.len() < self.config.min_clients {
-                return Err(failed(ServerError::NotEnoughResponses {
-                    got: contributions.len(),
-                    needed: self.config.min_clients,
-                }));
+            let broadcast = ctl.broadcast_and_wait_with(
+                task,
+                None,
+                self.config.min_clients,
+                self.config.wait_time_after_min_received,
+                ctl.abort_signal(),
+                |r: &TaskResult| {
+                    ctl.emit(WorkflowEvent::ResultReceived {
+                        workflow: id.clone(),
+                        round,
+                        client: r.client.clone(),
+                        success: r.is_success(),
+                    })
+                },
+            );
+            let results = match model_stream {
+                None => broadcast.await,
+                Some(sending) => {
+                    let (results, sent) = futures::join!(broadcast, sending);
+                    if let Err(e) = sent {
+                        log::error!(
+                            "[job={} site=server] {}: round {round}: model stream failed: {e}",
+                            ctl.job_id(),
+                            self.id
+                        );
+                    }
+                    results
+                }
             }
+            .map_err(failed)?;
+            let (contributions, mut failed_clients) = self.usable(ctl, round, results);
             let metrics = round_metrics(&contributions);
-            let mut clients: Vec<String> = contributions.iter().map(|c| c.client.clone()).collect();
+            let (aggregate, mut clients) = if stream_id.is_some() {
+                let (aggregate, clients) = self
+                    .streamed_aggregate(&contributions)
+                    .await
+                    .map_err(failed)?;
+                failed_clients.retain(|c| !clients.contains(c));
+                (aggregate, clients)
+            } else {
+                if contributions.len() < self.config.min_clients {
+                    return Err(failed(ServerError::NotEnoughResponses {
+                        got: contributions.len(),
+                        needed: self.config.min_clients,
+                    }));
+                }
+                let clients: Vec<String> = contributions.iter().map(|c| c.client.clone()).collect();
+                let aggregator = Arc::clone(&self.aggregator);
+                let aggregate =
+                    blocking("aggregation", move || aggregator.aggregate(&contributions))
+                        .await
+                        .map_err(failed)?;
+                (aggregate, clients)
+            };
             clients.sort_unstable();
             failed_clients.sort_unstable();
-            let aggregator = Arc::clone(&self.aggregator);
-            let aggregate = blocking("aggregation", move || aggregator.aggregate(&contributions))
-                .await
-                .map_err(failed)?;
             apply(&mut global, &aggregate).map_err(failed)?;
             let every = self.config.persist_every_n_rounds;
             saved_last = every > 0 && (round - first + 1).is_multiple_of(every);
@@ -301,6 +358,158 @@ impl ScatterAndGather {
         }
         outcome.model = Some(global);
         Ok(outcome)
+    }
+
+    /// Whether this round streams the model; if so, prepares the round's incremental FedAvg
+    /// (registering the result consumer once) and returns the stream id.
+    async fn stream_round(
+        &mut self,
+        ctl: &Controller,
+        round: u32,
+        global: &ModelWeights,
+    ) -> Result<Option<String>, ServerError> {
+        let threshold = self.config.stream_threshold;
+        let size: u64 = global.values().map(|a| a.npy().len() as u64).sum();
+        if threshold == 0 || size < threshold {
+            return Ok(None);
+        }
+        let (Some(avg), Some(streamer)) = (self.aggregator.fed_avg(), ctl.stream_processor())
+        else {
+            log::warn!(
+                "[job={} site=server] {}: the model ({size} bytes) is above stream_threshold                  but the aggregator is not FedAvg (or no streamer): sent inside the task",
+                ctl.job_id(),
+                self.id
+            );
+            return Ok(None);
+        };
+        let slot = match &self.streamed {
+            Some(slot) => Arc::clone(slot),
+            None => {
+                let slot: RoundSlot = Arc::new(Mutex::new(None));
+                streamer
+                    .send(RegisterStreamProcessing::new(
+                        MODEL_CHANNEL,
+                        TOPIC_RESULT,
+                        ResultConsumerFactory {
+                            round: Arc::clone(&slot),
+                        },
+                    ))
+                    .await
+                    .map_err(|_| ServerError::ActorGone {
+                        actor: "StreamProcessor",
+                    })?;
+                self.streamed = Some(Arc::clone(&slot));
+                slot
+            }
+        };
+        let id = format!("{}:{round}:{}", self.id, uuid::Uuid::new_v4());
+        let state = StreamedRound {
+            id: id.clone(),
+            avg: avg.clone(),
+            kind: avg.expected_kind.clone(),
+            sums: BTreeMap::new(),
+            done: BTreeMap::new(),
+            broken: Vec::new(),
+        };
+        *lock(&slot) = Some(state);
+        log::info!(
+            "[job={} site=server] {}: round {round}: model of {size} bytes streamed ({id})",
+            ctl.job_id(),
+            self.id
+        );
+        Ok(Some(id))
+    }
+
+    /// The future streaming `global` to every job client on (`fedrun.model`, `weights`).
+    fn send_model(
+        &self,
+        ctl: &Controller,
+        id: &str,
+        global: &ModelWeights,
+    ) -> Result<BoxFuture<'static, Result<(), ServerError>>, ServerError> {
+        let Some(streamer) = ctl.stream_processor().cloned() else {
+            return Err(ServerError::ActorGone {
+                actor: "StreamProcessor",
+            });
+        };
+        let arrays = global
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>();
+        let producer = ArraysProducer::new(arrays).map_err(ServerError::InvalidModel)?;
+        let mut stream_ctx = StreamContext::new();
+        stream_ctx.set(CTX_STREAM_ID, id);
+        let msg = StreamObjects::new(
+            MODEL_CHANNEL,
+            TOPIC_WEIGHTS,
+            AuxTargets::Sites(ctl.job_clients().to_vec()),
+            producer,
+        )
+        .with_stream_ctx(stream_ctx);
+        Ok(Box::pin(async move {
+            let outcome = streamer
+                .send(msg)
+                .await
+                .map_err(|_| ServerError::ActorGone {
+                    actor: "StreamProcessor",
+                })??;
+            if outcome.rc.is_ok() {
+                Ok(())
+            } else {
+                Err(ServerError::Aggregation(format!(
+                    "model stream ended with {}: {:?}",
+                    outcome.rc, outcome.result
+                )))
+            }
+        }))
+    }
+
+    /// The round's aggregate from the incremental sums, and the clients whose streams
+    /// completed. A stream that broke off mid-way fails the round: what it added cannot be
+    /// taken out of the sums exactly.
+    async fn streamed_aggregate(
+        &self,
+        contributions: &[Contribution],
+    ) -> Result<(Dxo, Vec<String>), ServerError> {
+        let state = self.streamed.as_ref().and_then(|slot| lock(slot).take());
+        let Some(state) = state else {
+            return Err(ServerError::Aggregation(
+                "no streamed round state".to_owned(),
+            ));
+        };
+        if !state.broken.is_empty() {
+            return Err(ServerError::Aggregation(format!(
+                "streamed result(s) broke off: {}; the incremental sum cannot be undone",
+                state.broken.join("; ")
+            )));
+        }
+        let clients: Vec<String> = state.done.keys().cloned().collect();
+        for c in contributions {
+            if !state.done.contains_key(&c.client) {
+                log::warn!(
+                    "{}: result from {} names no completed stream; not aggregated",
+                    self.id,
+                    c.client
+                );
+            }
+        }
+        if clients.len() < self.config.min_clients || clients.is_empty() {
+            return Err(ServerError::NotEnoughResponses {
+                got: clients.len(),
+                needed: self.config.min_clients.max(1),
+            });
+        }
+        let kind = state.kind.clone().unwrap_or(DataKind::Weights);
+        let sums = state.sums;
+        let aggregate = blocking("aggregation", move || {
+            let mut data = Map::with_capacity(sums.len());
+            for (name, sum) in sums {
+                data.insert(name, sum.finish()?);
+            }
+            Ok(Dxo::new(kind, data))
+        })
+        .await?;
+        Ok((aggregate, clients))
     }
 
     /// The successful results as contributions, and the names of the clients that failed or
@@ -343,6 +552,254 @@ impl ScatterAndGather {
             }
         }
         (contributions, failed)
+    }
+}
+
+/// The incremental FedAvg of one streamed round.
+struct StreamedRound {
+    id: String,
+    avg: FedAvg,
+    kind: Option<DataKind>,
+    sums: BTreeMap<String, WeightedSum>,
+    /// Clients whose result stream completed, with their weight.
+    done: BTreeMap<String, f64>,
+    /// Streams that broke off after adding to the sums.
+    broken: Vec<String>,
+}
+
+/// The current streamed round, shared with the result consumers.
+type RoundSlot = Arc<Mutex<Option<StreamedRound>>>;
+
+fn lock(slot: &RoundSlot) -> std::sync::MutexGuard<'_, Option<StreamedRound>> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Makes one [`ResultConsumer`] per client result stream of the current round.
+struct ResultConsumerFactory {
+    round: RoundSlot,
+}
+
+impl ConsumerFactory for ResultConsumerFactory {
+    fn get_consumer<'a>(
+        &'a self,
+        stream_ctx: &'a StreamContext,
+        _ctx: &'a FlContext,
+        _end: EndStream,
+    ) -> BoxFuture<'a, Result<Box<dyn ObjectConsumer>, String>> {
+        Box::pin(async move {
+            let id = stream_ctx.get(CTX_STREAM_ID).and_then(Value::as_str);
+            let site = stream_ctx.get(CTX_SITE).and_then(Value::as_str);
+            let (Some(id), Some(site)) = (id, site) else {
+                return Err(format!(
+                    "a result stream needs {CTX_STREAM_ID} and {CTX_SITE}"
+                ));
+            };
+            let kind = stream_ctx
+                .get(CTX_KIND)
+                .map(DataKind::from_value)
+                .transpose()
+                .map_err(|e| e.to_string())?
+                .unwrap_or(DataKind::Weights);
+            let meta = stream_ctx
+                .get(CTX_META)
+                .and_then(Value::as_map)
+                .cloned()
+                .unwrap_or_default();
+            let mut guard = lock(&self.round);
+            let Some(round) = guard.as_mut().filter(|r| r.id == id) else {
+                return Err(format!(
+                    "result stream {id} from {site} is not for the current round"
+                ));
+            };
+            if round.done.contains_key(site) {
+                return Err(format!("{site} already streamed its result for {id}"));
+            }
+            match &round.kind {
+                Some(k) if *k != kind => {
+                    return Err(format!("{site} sent a {kind} DXO, expected {k}"));
+                }
+                Some(_) => {}
+                None => round.kind = Some(kind.clone()),
+            }
+            let mut dxo = Dxo::new(kind, Map::new());
+            dxo.meta = meta;
+            let contribution = Contribution {
+                client: site.to_owned(),
+                dxo,
+            };
+            let steps = if round.avg.weigh_by_local_iter {
+                local_steps(&contribution).map_err(|e| e.to_string())?
+            } else {
+                1.0
+            };
+            let weight = contribution_weight(&round.avg, site, steps);
+            Ok(Box::new(ResultConsumer {
+                round: Arc::clone(&self.round),
+                id: id.to_owned(),
+                site: site.to_owned(),
+                weight,
+                array: None,
+                carry: Vec::new(),
+                touched: false,
+                finished: false,
+            }) as Box<dyn ObjectConsumer>)
+        })
+    }
+}
+
+/// The array a [`ResultConsumer`] is receiving.
+struct Receiving {
+    name: String,
+    header: NpyHeader,
+    item: usize,
+    /// Data bytes received so far.
+    received: usize,
+}
+
+/// Adds one client's streamed result arrays to the round's sums, chunk by chunk.
+struct ResultConsumer {
+    round: RoundSlot,
+    id: String,
+    site: String,
+    weight: f64,
+    array: Option<Receiving>,
+    /// Bytes of an element cut by a chunk boundary (less than one item).
+    carry: Vec<u8>,
+    touched: bool,
+    finished: bool,
+}
+
+impl ResultConsumer {
+    fn add(&mut self, piece: &ArrayPiece) -> Result<(), String> {
+        if piece.total == 0 {
+            return Ok(());
+        }
+        let mut guard = lock(&self.round);
+        let Some(round) = guard.as_mut().filter(|r| r.id == self.id) else {
+            return Err(format!("round {} is over", self.id));
+        };
+        let mut data: &[u8] = &piece.data;
+        if piece.offset == 0 {
+            let header = NpyHeader::parse(data).map_err(|e| {
+                format!(
+                    "'{}': the first chunk must hold the .npy header: {e}",
+                    piece.name
+                )
+            })?;
+            if header.fortran_order && header.shape.len() > 1 {
+                return Err(format!("'{}' is in Fortran order", piece.name));
+            }
+            if header.data_offset + header.data_len != piece.total {
+                return Err(format!("'{}': header and size disagree", piece.name));
+            }
+            let sum = match round.sums.entry(piece.name.clone()) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(
+                    WeightedSum::new(&piece.name, &self.site, &header.dtype, &header.shape)
+                        .map_err(|e| e.to_string())?,
+                ),
+            };
+            sum.check(&self.site, &header.dtype, &header.shape)
+                .map_err(|e| e.to_string())?;
+            data = &data[header.data_offset.min(data.len())..];
+            let item = header.item_size().unwrap_or(1);
+            self.array = Some(Receiving {
+                name: piece.name.clone(),
+                header,
+                item,
+                received: 0,
+            });
+            self.carry.clear();
+        }
+        let Some(rx) = self.array.as_mut() else {
+            return Err(format!("'{}' does not start at offset 0", piece.name));
+        };
+        if rx.name != piece.name {
+            return Err(format!(
+                "'{}' started before '{}' ended",
+                piece.name, rx.name
+            ));
+        }
+        let Some(sum) = round.sums.get_mut(&rx.name) else {
+            return Err(format!("no sum for '{}'", rx.name));
+        };
+        self.touched = true;
+        // `pos`: the data position of data[0]
+        let mut pos = rx.received;
+        rx.received += data.len();
+        if !self.carry.is_empty() {
+            let need = (rx.item - self.carry.len()).min(data.len());
+            self.carry.extend_from_slice(&data[..need]);
+            data = &data[need..];
+            pos += need;
+            if self.carry.len() == rx.item {
+                sum.add_bytes(
+                    pos - rx.item,
+                    &self.carry,
+                    rx.header.byte_order,
+                    self.weight,
+                )
+                .map_err(|e| e.to_string())?;
+                self.carry.clear();
+            }
+        }
+        let aligned = data.len() / rx.item * rx.item;
+        sum.add_bytes(pos, &data[..aligned], rx.header.byte_order, self.weight)
+            .map_err(|e| e.to_string())?;
+        self.carry.extend_from_slice(&data[aligned..]);
+        if piece.offset + piece.data.len() == piece.total {
+            if !self.carry.is_empty() {
+                return Err(format!("'{}' ends inside an element", piece.name));
+            }
+            sum.add_weight(self.weight);
+            self.array = None;
+        }
+        Ok(())
+    }
+}
+
+impl ObjectConsumer for ResultConsumer {
+    fn consume<'a>(
+        &'a mut self,
+        request: Shareable,
+        _stream_ctx: &'a mut StreamContext,
+        _ctx: &'a FlContext,
+    ) -> BoxFuture<'a, Result<ConsumeResult, String>> {
+        Box::pin(async move {
+            let piece = ArrayPiece::read(&request)?;
+            self.add(&piece)?;
+            if piece.last {
+                if self.array.is_some() {
+                    return Err("the stream ended inside an array".to_owned());
+                }
+                if let Some(round) = lock(&self.round).as_mut().filter(|r| r.id == self.id) {
+                    round.done.insert(self.site.clone(), self.weight);
+                }
+                self.finished = true;
+                return Ok(ConsumeResult::stop(None));
+            }
+            Ok(ConsumeResult::keep_going(None))
+        })
+    }
+
+    fn finalize<'a>(
+        &'a mut self,
+        stream_ctx: &'a StreamContext,
+        _ctx: &'a FlContext,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if !self.finished && self.touched {
+                if let Some(round) = lock(&self.round).as_mut().filter(|r| r.id == self.id) {
+                    round.broken.push(format!(
+                        "{} ({})",
+                        self.site,
+                        stream_ctx.rc().unwrap_or("ended early")
+                    ));
+                }
+            }
+            Ok(())
+        })
     }
 }
 

@@ -27,9 +27,10 @@ use fedrun_core::constants::{
     channel, fl_ctx_key, header_key, process_type, reserved_topic, topic,
 };
 use fedrun_core::{AppReturnCode, Map, Shareable, Value};
+use fedrun_engine::stream::StreamConfig;
 use fedrun_engine::{
     aux_handler, AuxConfig, AuxRequest, AuxRunner, AuxTargets, GetAbortSignal, GetJobClients,
-    NewContext, RegisterAuxMessageHandler, RunInfo, RunInfoConfig, SendAuxRequest,
+    NewContext, RegisterAuxMessageHandler, RunInfo, RunInfoConfig, SendAuxRequest, StreamProcessor,
 };
 use futures::FutureExt;
 use tokio::sync::mpsc;
@@ -204,7 +205,15 @@ impl ServerJobBuilder {
         let tasks = TaskManager::new(config).start();
         register_cell_handlers(&cell, tasks.downgrade()).await?;
         register_aux_handlers(&aux, tasks.downgrade()).await?;
+        let stream = StreamProcessor::start(StreamConfig::new(
+            SERVER_IDENTITY,
+            &job_id,
+            aux.clone(),
+            run_info.clone(),
+        ))
+        .await?;
         Ok(ServerJob {
+            stream,
             job_id: Arc::from(job_id.as_str()),
             clients: clients.into(),
             cell,
@@ -361,6 +370,7 @@ pub struct ServerJob {
     run_info: Addr<RunInfo>,
     aux: Addr<AuxRunner>,
     tasks: Addr<TaskManager>,
+    stream: Addr<StreamProcessor>,
     run_abort: AbortSignal,
     events: Option<mpsc::UnboundedSender<WorkflowEvent>>,
 }
@@ -426,7 +436,13 @@ impl ServerJob {
             self.tasks.clone(),
             self.run_abort.clone(),
             self.events.clone(),
+            Some(self.stream.clone()),
         )
+    }
+
+    /// The server job's object streamer (`StreamProcessor`), which carries large models.
+    pub fn stream_processor(&self) -> &Addr<StreamProcessor> {
+        &self.stream
     }
 
     /// The run's phase.

@@ -26,7 +26,8 @@
 //! caller's stream context is used and handed back in the outcome (#14); registrations are keyed
 //! by the (channel, topic) pair (#15); `secure` is kept for the end notice (#16).
 //!
-//! The ready-made pair in [`bytes`] streams a file or an in-memory buffer in chunks.
+//! The ready-made pair in [`bytes`] streams a file or an in-memory buffer in chunks; [`arrays`]
+//! streams a model's arrays (ScatterAndGather's large-model path).
 //! Why memory stays bounded, whatever the object's size, is written down in
 //! `docs/streaming.md`.
 //!
@@ -61,6 +62,7 @@
 //! }
 //! ```
 
+pub mod arrays;
 pub mod bytes;
 mod receiver;
 mod sender;
@@ -80,6 +82,10 @@ use crate::aux::{aux_handler, AuxRequest, AuxRunner, AuxTargets, RegisterAuxMess
 use crate::error::EngineError;
 use crate::run_info::{GetAbortSignal, NewContext, RunInfo};
 
+pub use self::arrays::{
+    ArrayAssembler, ArrayPiece, ArraysProducer, ModelSlots, MODEL_CHANNEL, MODEL_CHUNK_SIZE,
+    MODEL_STREAM_HEADER, TOPIC_RESULT, TOPIC_WEIGHTS,
+};
 pub use self::bytes::{
     ByteSink, BytesConsumer, BytesConsumerFactory, BytesProducer, ReceivedBytes,
     DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_TIMEOUT,
