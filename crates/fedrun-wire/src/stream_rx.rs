@@ -11,7 +11,9 @@
 //! request id of the form `sm__ri:<sm__ri>`; when the cell's reply comes back through the
 //! transport with that id, it is sent as a stream on channel `return_only`, topic
 //! `"<channel>:<topic>"`, carrying the same `sm__ri` ([`StreamReceiver::reply_chunks`]), which
-//! is what the Python requester waits for.
+//! is what the Python requester waits for. A completed stream on `return_only` is the
+//! streamed reply to one of this endpoint's own streamed requests: it is handed back
+//! ([`StreamAction::Reply`]) to the sending side, which knows the waiting request.
 //!
 //! Every limit is enforced before data is kept: blob size (`sm__sz` and bytes actually
 //! received), total bytes being reassembled, number of open streams, out-of-order chunks. A

@@ -708,9 +708,16 @@ impl Inner {
             params,
             cfg.ack_interval,
         )?;
-        if let Some(ri) = &request_id {
-            self.sender.expect_reply(ri, logical);
-        }
+        // forgets the reply bookkeeping unless the stream went through (also when this future
+        // is dropped: the cell's request timed out mid-stream)
+        let mut expected = request_id.map(|ri| {
+            self.sender.expect_reply(&ri, logical);
+            ExpectedReply {
+                sender: &self.sender,
+                request_id: ri,
+                delivered: false,
+            }
+        });
         let t = Transmission {
             own: &self.own,
             peer,
@@ -731,10 +738,8 @@ impl Inner {
             .sender
             .transmit(&t, chunks, |h| self.stamp_hop(h, peer))
             .await;
-        if result.is_err() {
-            if let Some(ri) = &request_id {
-                self.sender.forget_reply(ri);
-            }
+        if let Some(e) = expected.as_mut() {
+            e.delivered = result.is_ok();
         }
         result
     }
@@ -1151,6 +1156,21 @@ impl Inner {
                     self.own
                 ),
             }
+        }
+    }
+}
+
+/// The reply bookkeeping of a streamed request while its stream is being sent.
+struct ExpectedReply<'a> {
+    sender: &'a StreamSender,
+    request_id: String,
+    delivered: bool,
+}
+
+impl Drop for ExpectedReply<'_> {
+    fn drop(&mut self) {
+        if !self.delivered {
+            self.sender.forget_reply(&self.request_id);
         }
     }
 }

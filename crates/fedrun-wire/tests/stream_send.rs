@@ -821,3 +821,32 @@ async fn big_streams_in_both_directions_at_once_both_arrive_intact() {
         .is_some());
     p.shutdown().await;
 }
+
+#[actix::test]
+async fn request_timing_out_mid_stream_tells_the_receiver_the_stream_is_abandoned() {
+    // the ACK timeout (60 s) is far away; the cell's own request timeout ends the send
+    let mut s = raw_server(small_streams(1024, 2048)).await;
+    let reply = s.job.send_request(SendRequest::new(
+        "test",
+        "echo",
+        Fqcn::SERVER,
+        CellMessage::new(Payload::Bytes(pattern(8 * 1024))),
+        Duration::from_millis(300),
+    ));
+    let reply = timeout(DEADLINE, reply).await.unwrap().unwrap();
+    assert_eq!(reply.return_code(), CellReturnCode::Timeout);
+    let first = next_chunk(&mut s.raw).await;
+    let id = chunk_of(&first).stream_id;
+    let mut got = first.payload.as_bytes().unwrap().to_vec();
+    read_chunks(&mut s.raw, id, 1, 2, &mut got).await;
+    let abort = next_chunk(&mut s.raw).await;
+    match StreamMessage::parse(&abort.headers).unwrap() {
+        StreamMessage::Error(e) => {
+            assert_eq!(e.stream_id, id);
+            assert_eq!(e.message.as_deref(), Some("sender cancelled"));
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+    s.job.stop().await;
+    s.job_net.shutdown().await;
+}
