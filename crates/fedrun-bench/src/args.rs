@@ -173,6 +173,8 @@ pub struct Options {
     pub size_mib: f64,
     /// Where a large aux transfer's bytes come from.
     pub source: Source,
+    /// The chunk size of a large aux transfer (`BytesProducer`), in KiB.
+    pub chunk_kib: usize,
     /// Wall-clock bound of one run.
     pub deadline: Duration,
     /// Where `<tag>.json` files are written (orchestrator).
@@ -221,6 +223,7 @@ impl Options {
         let mut clients = 8;
         let mut size_mib = 1.0;
         let mut source = Source::Reader;
+        let mut chunk_kib = 1024;
         let mut deadline = Duration::from_secs(240);
         let mut results_dir = PathBuf::from("results");
         let mut name = String::new();
@@ -240,6 +243,7 @@ impl Options {
                 "--clients" => clients = number(&flag, it.next())?,
                 "--size-mib" => size_mib = number(&flag, it.next())?,
                 "--source" => source = Source::parse(&text(&flag, it.next())?)?,
+                "--chunk-kib" => chunk_kib = number(&flag, it.next())?,
                 "--deadline" => deadline = seconds(&flag, it.next())?,
                 "--results-dir" => results_dir = PathBuf::from(text(&flag, it.next())?),
                 "--name" => name = text(&flag, it.next())?,
@@ -256,9 +260,9 @@ impl Options {
                 "--size-mib {size_mib}: must be in (0, 4096]"
             )));
         }
-        if concurrency == 0 || clients == 0 {
+        if concurrency == 0 || clients == 0 || chunk_kib == 0 {
             return Err(BenchError::Usage(
-                "--concurrency and --clients must be at least 1".into(),
+                "--concurrency, --clients and --chunk-kib must be at least 1".into(),
             ));
         }
         let (default_count, default_warmup) = scenario.defaults();
@@ -273,6 +277,7 @@ impl Options {
             clients,
             size_mib,
             source,
+            chunk_kib,
             deadline,
             results_dir,
             name,
@@ -302,7 +307,12 @@ impl Options {
         let mut tag = format!("{}-{}", self.scenario.as_str(), self.path.as_str());
         match self.scenario {
             Scenario::Throughput => tag.push_str(&format!("-c{}", self.concurrency)),
-            Scenario::Large => tag.push_str(&format!("-{}MiB", fmt_g(self.size_mib))),
+            Scenario::Large => {
+                tag.push_str(&format!("-{}MiB", fmt_g(self.size_mib)));
+                if self.chunk_kib != 1024 {
+                    tag.push_str(&format!("-ck{}", self.chunk_kib));
+                }
+            }
             Scenario::Multicast => tag.push_str(&format!("-{}", self.clients)),
             Scenario::Latency | Scenario::Ff => {}
         }
@@ -330,6 +340,7 @@ impl Options {
             ("--concurrency", self.concurrency.to_string()),
             ("--clients", clients.to_string()),
             ("--size-mib", self.size_mib.to_string()),
+            ("--chunk-kib", self.chunk_kib.to_string()),
             ("--deadline", self.deadline.as_secs_f64().to_string()),
             (
                 "--max-life",

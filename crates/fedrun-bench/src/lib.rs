@@ -45,7 +45,8 @@ pub const USAGE: &str = "\
 usage:
   fedrun-cellbench run   --scenario latency|throughput|multicast|large|ff [--path aux|core]
                          [--runs N] [--append] [--count N] [--warmup N] [--concurrency N]
-                         [--clients N] [--size-mib X] [--source reader|memory] [--deadline S]
+                         [--clients N] [--size-mib X] [--source reader|memory] [--chunk-kib N]
+                         [--deadline S]
                          [--results-dir DIR]
   fedrun-cellbench table --nvflare DIR --fedrun DIR --limits FILE
   fedrun-cellbench cell  ...   (a child process, started by `run`)";

@@ -226,11 +226,21 @@ impl Row {
 
     fn render(&self) -> String {
         let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| fig(v, self.unit));
-        let ratio = match (self.ratio(), self.better, self.unit) {
-            (None, _, _) => "n/a".to_owned(),
-            (Some(r), Better::Lower, "MiB") => format!("{} less", times(r)),
-            (Some(r), Better::Lower, _) => format!("{} faster", times(r)),
-            (Some(r), Better::Higher, _) => format!("{} more", times(r)),
+        let ratio = match self.ratio() {
+            None => "n/a".to_owned(),
+            Some(r) => {
+                // r > 1: fedrun is better by r; r < 1: worse by 1/r.
+                let (better, worse) = match (self.better, self.unit) {
+                    (Better::Lower, "MiB") => ("less", "more"),
+                    (Better::Lower, _) | (Better::Higher, "MiB/s") => ("faster", "slower"),
+                    (Better::Higher, _) => ("more", "fewer"),
+                };
+                if r >= 1.0 {
+                    format!("{} {better}", times(r))
+                } else {
+                    format!("{} {worse}", times(1.0 / r))
+                }
+            }
         };
         let (c_text, vs_c) = match (&self.c, self.fr) {
             (Some((label, c)), Some(fr)) if *c > 0.0 => {
@@ -274,6 +284,17 @@ impl Row {
 /// ```
 pub fn render(nv: &Results, fr: &Results, limits: &Limits) -> String {
     let pp50 = limits.get("pingpong.p50_us");
+    let pp_label = match (
+        limits.get("pingpong_same.p50_us"),
+        limits.get("pingpong_cross.p50_us"),
+    ) {
+        (Some(same), Some(cross)) => format!(
+            "C TCP ping-pong (pinned: same CPU {}, cross CPU {})",
+            fig(same, "µs"),
+            fig(cross, "µs")
+        ),
+        _ => "C TCP ping-pong".to_owned(),
+    };
     let pp99 = limits.get("pingpong.p99_us");
     let c = |label: &str, v: Option<f64>| v.map(|v| (label.to_owned(), v));
     let mut rows = Vec::new();
@@ -301,7 +322,7 @@ pub fn render(nv: &Results, fr: &Results, limits: &Limits) -> String {
             "p50_us",
             "µs",
             Better::Lower,
-            c("C TCP ping-pong", pp50),
+            c(&pp_label, pp50),
         );
         push(
             format!("{mark}round trip ~100 B, sequential, p99"),
@@ -334,24 +355,32 @@ pub fn render(nv: &Results, fr: &Results, limits: &Limits) -> String {
         );
     }
     let bulk = limits.get("bulk.mib_s");
-    for path in ["aux", "core"] {
-        let mark = if path == "core" { "[core] " } else { "" };
-        let how = if path == "aux" {
-            "streamed in 1 MiB chunks"
-        } else {
-            "one frame"
-        };
-        for size in [1, 16, 128] {
-            push(
-                format!("{mark}{size} MiB transfer ({how})"),
-                &format!("large-{path}-{size}MiB"),
-                "mib_s",
-                "MiB/s",
-                Better::Higher,
-                c("C TCP one stream", bulk),
-            );
-        }
+    for size in [1, 16, 128] {
+        push(
+            format!("{size} MiB transfer (object stream, 1 MiB pieces)"),
+            &format!("large-aux-{size}MiB"),
+            "mib_s",
+            "MiB/s",
+            Better::Higher,
+            c("C TCP one stream", bulk),
+        );
     }
+    push(
+        "128 MiB transfer (object stream, 1016 KiB pieces)".to_owned(),
+        "large-aux-128MiB-ck1016",
+        "mib_s",
+        "MiB/s",
+        Better::Higher,
+        c("C TCP one stream", bulk),
+    );
+    push(
+        "[core] 128 MiB transfer (one request)".to_owned(),
+        "large-core-128MiB",
+        "mib_s",
+        "MiB/s",
+        Better::Higher,
+        c("C TCP one stream", bulk),
+    );
     let oneway = limits.get("oneway.msg_s");
     for path in ["aux", "core"] {
         let mark = if path == "core" { "[core] " } else { "" };
@@ -503,7 +532,10 @@ fn targets(nv: &Results, fr: &Results, limits: &Limits) -> String {
     let _ = writeln!(
         out,
         "\nMedians over the session's rounds ({}; C ping-pong {} run(s)). \
-         `[core]` rows compare the core paths: their NVFlare column is NVFlare's CoreCell.",
+         Rows without `[core]` compare NVFlare's aux path (Cell on aux_communication, blob \
+         streams) with fedrun's engine path (aux requests, aux fire-and-forget, object streaming); \
+         `[core]` rows compare the core paths (NVFlare's CoreCell, fedrun's Cell): their NVFlare \
+         column is NVFlare's core figure. C limits are unpinned unless noted.",
         rounds.join(", "),
         limits.count("pingpong.p50_us")
     );

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fedrun_cell::{CellMessage, FireAndForget, Fqcn, Payload, SendMultiRequest, SendRequest};
-use fedrun_core::{Map, Shareable, Value};
+use fedrun_core::{CellReturnCode, Map, Shareable, Value};
 use fedrun_engine::stream::{BytesProducer, StreamObjects};
 use fedrun_engine::{AuxReplies, AuxTargets, SendAuxRequest};
 use serde_json::{json, Value as Json};
@@ -489,6 +489,7 @@ async fn large(node: &Node, opts: &Options) -> Result<Json, BenchError> {
     };
     let block = Arc::new(random_bytes(PATTERN_BLOCK, 0x2545_F491_4F6C_DD1D));
     let rss_payload = Memory::of(None);
+    let chunk = opts.chunk_kib * 1024;
     let mut times = Vec::with_capacity(opts.count);
     let mut errors = 0u64;
     // The first transfer is an untimed warm-up.
@@ -513,7 +514,7 @@ async fn large(node: &Node, opts: &Options) -> Result<Json, BenchError> {
             (PathKind::Core, None) => false,
             (PathKind::Aux, _) => {
                 let producer = match &payload {
-                    Some(data) => BytesProducer::from_bytes(data.clone()),
+                    Some(data) => BytesProducer::from_bytes(data.clone()).with_chunk_size(chunk),
                     None => BytesProducer::from_reader(
                         PatternReader {
                             block: Arc::clone(&block),
@@ -522,7 +523,8 @@ async fn large(node: &Node, opts: &Options) -> Result<Json, BenchError> {
                             sum: Arc::clone(&reader_sum),
                         },
                         Some(size),
-                    ),
+                    )
+                    .with_chunk_size(chunk),
                 };
                 let msg =
                     StreamObjects::new(BENCH_CHANNEL, BLOB_TOPIC, AuxTargets::Server, producer);
@@ -591,6 +593,7 @@ async fn large(node: &Node, opts: &Options) -> Result<Json, BenchError> {
     Ok(json!({
         "size_mib": opts.size_mib,
         "source": if in_memory { "memory" } else { "reader" },
+        "chunk_kib": opts.chunk_kib,
         "n": times.len(),
         "errors": errors,
         "median_s": med,
@@ -610,7 +613,7 @@ async fn fire(node: &Node, path: PathKind, site: &SiteSide, small: &Small) -> bo
             let msg =
                 FireAndForget::new(BENCH_CHANNEL, TOPIC_FF, vec![Fqcn::SERVER], small.message());
             match node.core.fire_and_forget(msg).await {
-                Ok(codes) => codes.values().all(|c| c.as_str() == "ok"),
+                Ok(codes) => codes.values().all(|c| *c == CellReturnCode::Ok),
                 Err(e) => {
                     log::warn!("{}: fire-and-forget failed: {e}", node.name);
                     false
@@ -693,6 +696,7 @@ async fn fire_and_forget(node: &Node, opts: &Options) -> Result<Json, BenchError
     Ok(json!({
         "sent": sent,
         "refused": refused,
+        "errors": refused + sent.saturating_sub(received),
         "received": received,
         "send_s": t_sent - t0,
         "send_rate": sent as f64 / (t_sent - t0),
