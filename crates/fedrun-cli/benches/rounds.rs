@@ -52,10 +52,15 @@ impl Executor for AddOne {
                 .get("w")
                 .and_then(Value::as_ndarray)
                 .ok_or("no w")?;
-            let mut values = w.to_f32_vec().map_err(|e| e.to_string())?;
-            values.iter_mut().for_each(|v| *v += 1.0);
-            let w = NdArray::from_f32(&[values.len()], &values).map_err(|e| e.to_string())?;
-            drop(values);
+            // no intermediate Vec: the new array is written straight from the old one's bytes
+            let data = w.data();
+            let w = NdArray::from_f32_iter(
+                &[w.len()],
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) + 1.0),
+            )
+            .map_err(|e| e.to_string())?;
+            drop(data);
             let mut data = Map::with_capacity(1);
             data.insert("w", w);
             let mut out = Dxo::new(DataKind::Weights, data);
@@ -120,7 +125,8 @@ fn job(len: usize, min_clients: usize, rounds: u64) -> JobDefinition {
         ],
         "workflows": [{"id": "sag", "name": "ScatterAndGather", "args": {
             "min_clients": min_clients, "num_rounds": rounds, "wait_time_after_min_received": 0,
-            "aggregator_id": "aggregator", "persistor_id": "persistor", "train_task_name": "train"
+            "aggregator_id": "aggregator", "persistor_id": "persistor", "train_task_name": "train",
+            "stream_threshold": 64u64 << 20
         }}]
     });
     match JobDefinition::from_configs("bench", json!({}), client, server) {
@@ -240,7 +246,7 @@ fn main() {
         (
             "large",
             Scenario {
-                name: "2 clients, 256 MiB model (67,108,864 f32), poll 10 ms",
+                name: "2 clients, 256 MiB model (67,108,864 f32), STREAMED in 1 MiB chunks (stream_threshold 64 MiB), poll 10 ms",
                 clients: 2,
                 len: 67_108_864,
                 rounds: scale(10),
