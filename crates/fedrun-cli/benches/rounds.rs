@@ -255,8 +255,9 @@ fn main() {
         ),
     ];
     println!(
-        "fedrun-cli bench rounds: ScatterAndGather + FedAvg, in-process network, model sent \
-         inside the task (no streaming), executor adds 1.0 (no training), in-memory persistor"
+        "fedrun-cli bench rounds: ScatterAndGather + FedAvg, in-process network, model inside \
+         the task below the stream threshold and streamed in 1 MiB chunks at or above it, \
+         executor adds 1.0 (no training), in-memory persistor"
     );
     let mut failed = false;
     for (tag, s) in &scenarios {
