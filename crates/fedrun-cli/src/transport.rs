@@ -34,6 +34,9 @@ use crate::error::CliError;
 /// How long a simulated client waits for its loopback connection to the server endpoint.
 pub const LOOPBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long [`SimNetwork::shutdown`] waits for the server to see a client's connection close.
+const HANG_UP_WAIT: Duration = Duration::from_secs(1);
+
 /// How the jobs of a federation talk to each other.
 ///
 /// # Example
@@ -267,6 +270,14 @@ impl SimNetwork {
                 .drain(..)
                 .collect();
             futures::future::join_all(clients.iter().map(TcpTransport::shutdown)).await;
+            // Let the server see those connections close, so that it does not say goodbye
+            // (and wait for answers) on connections that are already going away.
+            futures::future::join_all(
+                clients
+                    .iter()
+                    .map(|c| server.wait_for_peer_gone(c.own_fqcn(), HANG_UP_WAIT)),
+            )
+            .await;
             server.shutdown().await;
         }
     }
