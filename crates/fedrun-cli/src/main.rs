@@ -160,8 +160,17 @@ fn progress_bar() -> ProgressBar {
 }
 
 /// Prints a finished run: summary line, per-round table, workspace and files.
+///
+/// Writes go through `writeln!` rather than `println!`: when stdout is a closed pipe
+/// (`fedrun simulate | head -1`) the rest of the report is dropped instead of panicking.
 fn print_report(report: &SimulationReport) {
-    println!(
+    let mut out = std::io::stdout().lock();
+    let _ = write_report(&mut out, report);
+}
+
+fn write_report(out: &mut impl Write, report: &SimulationReport) -> std::io::Result<()> {
+    writeln!(
+        out,
         "job {} ({}), {} clients, {} round(s) in {:.2} s: {}",
         report.job_name,
         report.job_id,
@@ -169,12 +178,13 @@ fn print_report(report: &SimulationReport) {
         report.round_metrics.len(),
         report.elapsed.as_secs_f64(),
         report.status
-    );
-    print!("{}", format_table(&report.rounds()));
-    println!("workspace: {}", report.workspace.display());
+    )?;
+    write!(out, "{}", format_table(&report.rounds()))?;
+    writeln!(out, "workspace: {}", report.workspace.display())?;
     for file in &report.files {
-        println!("  {}", file.display());
+        writeln!(out, "  {}", file.display())?;
     }
+    out.flush()
 }
 
 fn run_simulate(args: SimulateArgs) -> ExitCode {
@@ -249,9 +259,14 @@ fn run_client_cmd(args: ClientArgs) -> ExitCode {
     };
     match actix::System::new().block_on(run_client(options)) {
         Ok(outcome) => {
-            println!(
+            // A closed stdout must not turn a finished run into a panic.
+            let _ = writeln!(
+                std::io::stdout().lock(),
                 "{} (job {}): run ended by the server; {} task(s), {} result(s) sent",
-                args.name, args.job_id, outcome.tasks_done, outcome.results_sent
+                args.name,
+                args.job_id,
+                outcome.tasks_done,
+                outcome.results_sent
             );
             ExitCode::SUCCESS
         }
