@@ -192,6 +192,30 @@ pub enum Side {
 }
 
 /// A running cell process: its transport, its core cell and its engine side.
+///
+/// # Example
+///
+/// A server process and one site, as two children of the orchestrator would start them
+/// (here in one process, for illustration):
+///
+/// ```no_run
+/// use fedrun_bench::node::Node;
+/// use fedrun_bench::Options;
+///
+/// actix::System::new().block_on(async {
+///     let args = |more: &[&str]| {
+///         let mut a = vec!["--scenario", "latency"];
+///         a.extend_from_slice(more);
+///         Options::parse(a.into_iter().map(String::from)).unwrap()
+///     };
+///     let server = Node::start(&args(&["--name", "server", "--port", "0"])).await.unwrap();
+///     let port = server.port.to_string();
+///     let site = Node::start(&args(&["--name", "site-1", "--port", &port])).await.unwrap();
+///     assert_eq!(site.core.fqcn().as_str(), "site-1");
+///     site.shutdown().await;
+///     server.shutdown().await;
+/// });
+/// ```
 pub struct Node {
     /// `server` or `site-<i>`.
     pub name: String,

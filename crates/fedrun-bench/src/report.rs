@@ -159,13 +159,21 @@ enum Better {
     Higher,
 }
 
+/// A C loopback figure a row is compared with.
+struct CLimit {
+    label: String,
+    value: f64,
+    /// Extra context after the figure (e.g. the pinned variants).
+    note: String,
+}
+
 struct Row {
     scenario: String,
     nv: Option<f64>,
     fr: Option<f64>,
     unit: &'static str,
     better: Better,
-    c: Option<(String, f64)>,
+    c: Option<CLimit>,
 }
 
 /// `1234.5` → `1,235` (or with `digits` decimals).
@@ -243,14 +251,19 @@ impl Row {
             }
         };
         let (c_text, vs_c) = match (&self.c, self.fr) {
-            (Some((label, c)), Some(fr)) if *c > 0.0 => {
-                let vs = match self.better {
-                    Better::Lower => format!("{} C", times(fr / c)),
-                    Better::Higher => format!("{} %", num(100.0 * fr / c, 0)),
+            (Some(l), fr) => {
+                let text = format!("{} {}{}", l.label, fig(l.value, self.unit), l.note);
+                let vs = match (fr, self.better) {
+                    (Some(fr), Better::Lower) if l.value > 0.0 => {
+                        format!("{} C", times(fr / l.value))
+                    }
+                    (Some(fr), Better::Higher) if l.value > 0.0 => {
+                        format!("{} %", num(100.0 * fr / l.value, 0))
+                    }
+                    _ => "n/a".to_owned(),
                 };
-                (format!("{label} {}", fig(*c, self.unit)), vs)
+                (text, vs)
             }
-            (Some((label, c)), _) => (format!("{label} {}", fig(*c, self.unit)), "n/a".into()),
             (None, _) => ("—".to_owned(), "—".to_owned()),
         };
         format!(
@@ -284,26 +297,32 @@ impl Row {
 /// ```
 pub fn render(nv: &Results, fr: &Results, limits: &Limits) -> String {
     let pp50 = limits.get("pingpong.p50_us");
-    let pp_label = match (
+    let pp_note = match (
         limits.get("pingpong_same.p50_us"),
         limits.get("pingpong_cross.p50_us"),
     ) {
         (Some(same), Some(cross)) => format!(
-            "C TCP ping-pong (pinned: same CPU {}, cross CPU {})",
+            " (pinned: same CPU {}, cross CPU {})",
             fig(same, "µs"),
             fig(cross, "µs")
         ),
-        _ => "C TCP ping-pong".to_owned(),
+        _ => String::new(),
     };
     let pp99 = limits.get("pingpong.p99_us");
-    let c = |label: &str, v: Option<f64>| v.map(|v| (label.to_owned(), v));
+    let c = |label: &str, v: Option<f64>| {
+        v.map(|v| CLimit {
+            label: label.to_owned(),
+            value: v,
+            note: String::new(),
+        })
+    };
     let mut rows = Vec::new();
     let mut push = |scenario: String,
                     tag: &str,
                     key: &str,
                     unit: &'static str,
                     better: Better,
-                    c: Option<(String, f64)>| {
+                    c: Option<CLimit>| {
         rows.push(Row {
             scenario,
             nv: nv.median(tag, key),
@@ -322,7 +341,10 @@ pub fn render(nv: &Results, fr: &Results, limits: &Limits) -> String {
             "p50_us",
             "µs",
             Better::Lower,
-            c(&pp_label, pp50),
+            c("C TCP ping-pong", pp50).map(|l| CLimit {
+                note: pp_note.clone(),
+                ..l
+            }),
         );
         push(
             format!("{mark}round trip ~100 B, sequential, p99"),
