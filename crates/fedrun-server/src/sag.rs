@@ -9,7 +9,7 @@
 //! [`WorkflowEvent`]s and returned in the [`WorkflowOutcome`]. A round with fewer than
 //! `min_clients` usable results fails the workflow: there is never a silent partial model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -303,7 +303,7 @@ impl ScatterAndGather {
             let metrics = round_metrics(&contributions);
             let (aggregate, mut clients) = if stream_id.is_some() {
                 let (aggregate, clients) = self
-                    .streamed_aggregate(&contributions)
+                    .streamed_aggregate(ctl, round, &contributions)
                     .await
                     .map_err(failed)?;
                 failed_clients.retain(|c| !clients.contains(c));
@@ -376,7 +376,8 @@ impl ScatterAndGather {
         let (Some(avg), Some(streamer)) = (self.aggregator.fed_avg(), ctl.stream_processor())
         else {
             log::warn!(
-                "[job={} site=server] {}: the model ({size} bytes) is above stream_threshold                  but the aggregator is not FedAvg (or no streamer): sent inside the task",
+                "[job={} site=server] {}: the model ({size} bytes) is above stream_threshold \
+                 but the aggregator is not FedAvg (or no streamer): sent inside the task",
                 ctl.job_id(),
                 self.id
             );
@@ -385,7 +386,7 @@ impl ScatterAndGather {
         let slot = match &self.streamed {
             Some(slot) => Arc::clone(slot),
             None => {
-                let slot: RoundSlot = Arc::new(Mutex::new(None));
+                let slot: RoundSlot = Arc::new(RoundShared::default());
                 streamer
                     .send(RegisterStreamProcessing::new(
                         MODEL_CHANNEL,
@@ -409,6 +410,7 @@ impl ScatterAndGather {
             kind: avg.expected_kind.clone(),
             sums: BTreeMap::new(),
             done: BTreeMap::new(),
+            receiving: BTreeSet::new(),
             broken: Vec::new(),
         };
         *lock(&slot) = Some(state);
@@ -465,13 +467,54 @@ impl ScatterAndGather {
     }
 
     /// The round's aggregate from the incremental sums, and the clients whose streams
-    /// completed. A stream that broke off mid-way fails the round: what it added cannot be
-    /// taken out of the sums exactly.
+    /// completed. A result stream that already added to the sums but has not ended yet (its
+    /// client is slower than the `min_clients` that closed the round) is waited for — the
+    /// sums cannot be used half-way — until it completes (it then counts), breaks off, or the
+    /// run is aborted; the receiver's idle timeout bounds a stream that stalls. A stream that
+    /// broke off mid-way fails the round: what it added cannot be taken out of the sums
+    /// exactly.
     async fn streamed_aggregate(
         &self,
+        ctl: &Controller,
+        round: u32,
         contributions: &[Contribution],
     ) -> Result<(Dxo, Vec<String>), ServerError> {
-        let state = self.streamed.as_ref().and_then(|slot| lock(slot).take());
+        let Some(slot) = self.streamed.as_ref() else {
+            return Err(ServerError::Aggregation(
+                "no streamed round state".to_owned(),
+            ));
+        };
+        let abort = ctl.abort_signal();
+        let mut logged = false;
+        let state = loop {
+            // registered before the check, so that no change between the two is missed
+            let changed = slot.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut guard = lock(slot);
+                match guard.as_ref() {
+                    None => break None,
+                    Some(r) if r.receiving.is_empty() => break guard.take(),
+                    Some(r) if !logged => {
+                        logged = true;
+                        log::info!(
+                            "[job={} site=server] {}: round {round}: waiting for the result \
+                             stream(s) of {} already adding to the sums",
+                            ctl.job_id(),
+                            self.id,
+                            r.receiving.iter().cloned().collect::<Vec<_>>().join(", ")
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = abort.triggered() => return Err(ServerError::Aborted),
+                _ = &mut changed => {}
+            }
+        };
         let Some(state) = state else {
             return Err(ServerError::Aggregation(
                 "no streamed round state".to_owned(),
@@ -563,15 +606,26 @@ struct StreamedRound {
     sums: BTreeMap<String, WeightedSum>,
     /// Clients whose result stream completed, with their weight.
     done: BTreeMap<String, f64>,
+    /// Clients whose result stream added to the sums and has not ended yet.
+    receiving: BTreeSet<String>,
     /// Streams that broke off after adding to the sums.
     broken: Vec<String>,
 }
 
-/// The current streamed round, shared with the result consumers.
-type RoundSlot = Arc<Mutex<Option<StreamedRound>>>;
+/// The current streamed round, shared with the result consumers, and the signal that a
+/// result stream ended (completed or broke off).
+#[derive(Default)]
+struct RoundShared {
+    state: Mutex<Option<StreamedRound>>,
+    changed: tokio::sync::Notify,
+}
+
+/// See [`RoundShared`].
+type RoundSlot = Arc<RoundShared>;
 
 fn lock(slot: &RoundSlot) -> std::sync::MutexGuard<'_, Option<StreamedRound>> {
-    slot.lock()
+    slot.state
+        .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -643,6 +697,7 @@ impl ConsumerFactory for ResultConsumerFactory {
                 carry: Vec::new(),
                 touched: false,
                 finished: false,
+                settled: false,
             }) as Box<dyn ObjectConsumer>)
         })
     }
@@ -668,9 +723,34 @@ struct ResultConsumer {
     carry: Vec<u8>,
     touched: bool,
     finished: bool,
+    /// The round was told how this stream ended.
+    settled: bool,
 }
 
 impl ResultConsumer {
+    /// Tells the round, once, how this stream ended — completed (`None`: its weight counts)
+    /// or broken off (`Some(why)`; a failure only if it added to the sums) — and wakes an
+    /// aggregation waiting for it.
+    fn settle(&mut self, broken: Option<String>) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        if let Some(round) = lock(&self.round).as_mut().filter(|r| r.id == self.id) {
+            round.receiving.remove(&self.site);
+            match broken {
+                None => {
+                    round.done.insert(self.site.clone(), self.weight);
+                }
+                Some(why) if self.touched => {
+                    round.broken.push(format!("{} ({why})", self.site));
+                }
+                Some(_) => {}
+            }
+        }
+        self.round.changed.notify_waiters();
+    }
+
     fn add(&mut self, piece: &ArrayPiece) -> Result<(), String> {
         if piece.total == 0 {
             return Ok(());
@@ -724,7 +804,11 @@ impl ResultConsumer {
         let Some(sum) = round.sums.get_mut(&rx.name) else {
             return Err(format!("no sum for '{}'", rx.name));
         };
-        self.touched = true;
+        if !self.touched {
+            // from now on the round cannot be aggregated before this stream ends
+            round.receiving.insert(self.site.clone());
+            self.touched = true;
+        }
         // `pos`: the data position of data[0]
         let mut pos = rx.received;
         rx.received += data.len();
@@ -773,10 +857,8 @@ impl ObjectConsumer for ResultConsumer {
                 if self.array.is_some() {
                     return Err("the stream ended inside an array".to_owned());
                 }
-                if let Some(round) = lock(&self.round).as_mut().filter(|r| r.id == self.id) {
-                    round.done.insert(self.site.clone(), self.weight);
-                }
                 self.finished = true;
+                self.settle(None);
                 return Ok(ConsumeResult::stop(None));
             }
             Ok(ConsumeResult::keep_going(None))
@@ -789,17 +871,20 @@ impl ObjectConsumer for ResultConsumer {
         _ctx: &'a FlContext,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            if !self.finished && self.touched {
-                if let Some(round) = lock(&self.round).as_mut().filter(|r| r.id == self.id) {
-                    round.broken.push(format!(
-                        "{} ({})",
-                        self.site,
-                        stream_ctx.rc().unwrap_or("ended early")
-                    ));
-                }
+            if !self.finished {
+                self.settle(Some(stream_ctx.rc().unwrap_or("ended early").to_owned()));
             }
             Ok(())
         })
+    }
+}
+
+impl Drop for ResultConsumer {
+    fn drop(&mut self) {
+        // a consumer dropped without finalize must not leave an aggregation waiting
+        if !self.finished {
+            self.settle(Some("dropped before its end".to_owned()));
+        }
     }
 }
 
