@@ -80,8 +80,8 @@ pub use component::{
 pub use error::EngineError;
 pub use event::{fire_event, EVENT_SCOPE_LOCAL, MAX_EVENT_DEPTH};
 pub use executor::{
-    executor_factory, executor_fn, executor_of, Executor, ExecutorComponent, FnExecutor, TaskRouter,
-    ANY_TASK,
+    executor_factory, executor_fn, executor_of, Executor, ExecutorComponent, FnExecutor,
+    TaskRouter, ANY_TASK,
 };
 pub use facade::{AbortApp, ClientRunManager, EngineActors, Forwarded, StopEngine};
 pub use handle::{ClientEngine, ClientEngineBuilder, EngineHandle};
@@ -95,9 +95,7 @@ pub use run_info::{
     AbortRun, ErrorReport, GetAbortSignal, GetRunInfo, MarkRunStarted, NewContext, ReportError,
     ResetErrors, RunInfo, RunInfoConfig, SetCurrentTask, ShowErrors,
 };
-pub use runner::{
-    ClientRunner, RunEnd, RunOutcome, RunnerConfig, RunnerControl, RunningTask,
-};
+pub use runner::{ClientRunner, RunEnd, RunOutcome, RunnerConfig, RunnerControl, RunningTask};
 pub use stream::{
     RegisterStreamProcessing, StreamConfig, StreamObjects, StreamOutcome, StreamProcessor,
 };
