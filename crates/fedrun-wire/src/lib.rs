@@ -18,8 +18,26 @@
 //!   matching of their streamed replies), configured by [`StreamSendConfig`].
 //! - [`transport`]: [`TcpTransport`], the [`fedrun_cell::Transport`] that runs cells over
 //!   TCP: listeners and reconnecting connectors, HELLO/READY, PING/PONG, the §7.3 route rule,
-//!   one bounded writer queue per connection.
+//!   relaying (§6.6), one bounded writer queue per connection.
 //! - [`error`]: [`WireError`], one typed variant per way a peer or a socket can fail.
+//!
+//! # Relaying
+//!
+//! An endpoint passes on, as NVFlare's cells do (wire spec §6.6), every message addressed to a
+//! cell it does not host: that is how fedrun's `server` endpoint (NVFlare's server root cell)
+//! carries traffic between client jobs such as `site-1.J` and `site-2.J`, which are connected
+//! only to it. The next hop is the §7.3 pick (a peer named as the destination, else the
+//! longest prefix of the destination that is a peer, else `server`, else the parent); the
+//! message leaves with `cn__from` = this endpoint, `cn__to` = the next hop and this endpoint
+//! appended to `cn__route`, its payload neither decoded nor copied. Streams are relayed chunk
+//! by chunk (chunks, ACKs and errors are ordinary cell messages addressed to the logical
+//! destination and origin): the relay never reassembles them, and flow control runs end to end.
+//! A next hop already on the route, or the peer the message came from, is refused as a loop
+//! (unless it is the destination itself) and logged. What cannot be relayed is answered like
+//! an unreachable cell: a request that expects a reply gets a `return` message (`comm_error`,
+//! "cannot forward", `cant_forward`), a stream chunk an `sm__ERROR` so that its sender stops at
+//! once; anything else is dropped. [`WireConfig::forwarding`] (on by default) turns relaying
+//! off for a pure leaf.
 //!
 //! # Example
 //!

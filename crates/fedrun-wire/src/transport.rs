@@ -16,11 +16,23 @@
 //!   growing memory.
 //! - **receiving**: one reader task per connection decodes frames, answers PING with PONG,
 //!   answers `cellnet.channel`/`bye` with `ok`, and hands cell messages to the local cell named
-//!   by `cn__destination` (awaiting its mailbox: back-pressure reaches TCP). A request for a cell
-//!   that is not here is answered with a `return` message (`comm_error`, "cannot forward"),
-//!   because a leaf does not forward (§6.6). Streamed messages (`sm__STREAM`) are reassembled and
-//!   acknowledged by the endpoint; the reply to a streamed request leaves as a stream on
-//!   `return_only`, as the Python requester expects.
+//!   by `cn__destination` (awaiting its mailbox: back-pressure reaches TCP). Streamed messages
+//!   (`sm__STREAM`) are reassembled and acknowledged by the endpoint; the reply to a streamed
+//!   request leaves as a stream on `return_only`, as the Python requester expects.
+//! - **relaying** (§6.6, [`WireConfig::forwarding`], on by default): a message for a cell that
+//!   is not hosted here is passed on, undecoded, to the next hop of the §7.3 rule (a peer named
+//!   as the destination, else its longest prefix that is a peer, else `server`, else this
+//!   endpoint's parent), with `cn__from` = this endpoint, `cn__to` = the next hop and this
+//!   endpoint appended to `cn__route`. This is NVFlare's server root relaying between a client
+//!   job `site-1.J` and `site-2.J` (or the server job `server.J`). Stream chunks, ACKs and
+//!   errors are ordinary cell messages addressed to the logical destination, so a relayed stream
+//!   is windowed and acknowledged end to end; the relay does not reassemble it. A next hop that
+//!   is already on the route (or is the peer the message came from) is refused as a loop,
+//!   unless it is the destination itself. What cannot be relayed (no next hop, a loop, a
+//!   closing connection) is logged; a request that expects a reply is answered with a `return`
+//!   message (`comm_error`, "cannot forward", `cant_forward`), a stream chunk with an
+//!   `sm__ERROR` so that its sender fails at once, anything else is dropped. With relaying off
+//!   (a leaf), a message for a cell that is not here gets the same `return` or is dropped.
 //! - **streaming out**: a request or fire-and-forget message above
 //!   [`StreamSendConfig::threshold`] (or on a channel chosen in
 //!   [`StreamSendConfig::channels`]) leaves as `sm__DATA` chunks with windowed ACKs, and its
@@ -55,7 +67,9 @@ use crate::frame::{
     epoch_secs, Frame, FrameType, HandshakeInfo, APP_ID_CELLNET, MAX_FRAME_SIZE, STREAM_ID_BASE,
 };
 use crate::message::{encode_payload, frame_from_message, message_from_frame};
-use crate::stream::{STREAM_CHANNEL, TOPIC_ACK, TOPIC_ERROR};
+use crate::stream::{
+    key as stream_key, DataType, StreamMessage, STREAM_CHANNEL, TOPIC_ACK, TOPIC_ERROR,
+};
 use crate::stream_rx::{
     error_pair, is_stream_reply_id, Limits, PendingReply, StreamAction, StreamReceiver,
 };
@@ -91,6 +105,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// };
 /// assert_eq!(config.heartbeat_interval, Duration::from_secs(60));
 /// assert_eq!(config.reconnect_max, Duration::from_secs(10));
+/// assert!(config.forwarding, "relays for cells it does not host, as NVFlare's cells do");
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WireConfig {
@@ -118,6 +133,13 @@ pub struct WireConfig {
     pub reconnect_max: Duration,
     /// How (and when) messages are sent as NVFlare streams.
     pub stream_send: StreamSendConfig,
+    /// Whether this endpoint relays messages addressed to a cell it does not host (wire spec
+    /// §6.6; on by default, as every NVFlare cell does). A relayed message is passed on
+    /// undecoded to the next hop of the §7.3 rule with this endpoint as `cn__from` and appended
+    /// to `cn__route`; a next hop already on the route is refused as a loop. Off: such a
+    /// message is answered with a `return` (`comm_error`, "cannot forward") if it is a request
+    /// that expects a reply, and dropped otherwise, which is all a leaf needs.
+    pub forwarding: bool,
 }
 
 impl Default for WireConfig {
@@ -134,6 +156,7 @@ impl Default for WireConfig {
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(10),
             stream_send: StreamSendConfig::default(),
+            forwarding: true,
         }
     }
 }
@@ -218,6 +241,9 @@ pub(crate) struct Outbound {
 pub(crate) struct Link {
     conn_id: u64,
     pub(crate) tx: mpsc::Sender<Outbound>,
+    /// The connection's answer queue (written before `tx`): relayed stream ACKs and errors go
+    /// there, so that they do not wait behind a window of queued chunks.
+    control: mpsc::Sender<Outbound>,
     cancel: CancellationToken,
 }
 
@@ -981,9 +1007,9 @@ impl Inner {
         self.queue_answer(peer, reply, tx).await;
     }
 
-    /// A message for a cell that is not here: a leaf does not forward (§6.6). A request that
-    /// expects a reply is answered with `return` / `comm_error` so its sender does not wait for
-    /// a timeout; anything else is dropped.
+    /// A message for a cell that is not here, and not relayed ([`WireConfig::forwarding`] off,
+    /// or an invalid destination). A request that expects a reply is answered with `return` /
+    /// `comm_error` so its sender does not wait for a timeout; anything else is dropped.
     async fn cannot_deliver(&self, peer: &Fqcn, msg: CellMessage, tx: &mpsc::Sender<Outbound>) {
         let h = &msg.headers;
         let level = if h.optional() == Some(true) {
@@ -1000,6 +1026,13 @@ impl Inner {
             h.topic().unwrap_or(""),
             h.destination()
         );
+        self.answer_return(peer, h, tx).await;
+    }
+
+    /// The `return` message (§6.6: `comm_error`, "cannot forward", `cant_forward`, the request's
+    /// headers) for a request that expects a reply and cannot reach its destination, queued on
+    /// the connection it came from. Anything else gets no answer.
+    async fn answer_return(&self, peer: &Fqcn, h: &Headers, tx: &mpsc::Sender<Outbound>) {
         let wants_reply = h.msg_type() == Some(MsgType::Req) && h.reply_expected() == Some(true);
         let Some(req_id) = h.req_id().filter(|_| wants_reply) else {
             return;
@@ -1012,13 +1045,161 @@ impl Inner {
         ret.set_return_code(CellReturnCode::CommError);
         ret.set_error("cannot forward");
         ret.insert(header::RETURN_REASON, "cant_forward");
-        let original: Map = msg
-            .headers
-            .iter()
-            .map(|(k, v)| (Value::from(k), v.clone()))
-            .collect();
+        let original: Map = h.iter().map(|(k, v)| (Value::from(k), v.clone())).collect();
         ret.insert(header::ORIGINAL_HEADERS, Value::Map(original));
         self.queue_answer(peer, ret, tx).await;
+    }
+
+    /// The destination of an incoming DATA frame if this endpoint must relay it (§6.6): relaying
+    /// is on, the destination is a valid name, and it is neither this endpoint nor a cell hosted
+    /// here. Everything else (including a frame without headers or with an invalid
+    /// destination) takes the local path, which answers what it cannot deliver.
+    fn relay_destination(&self, frame: &Frame) -> Option<Fqcn> {
+        if !self.config.forwarding {
+            return None;
+        }
+        let dest = Fqcn::new(frame.headers.as_ref()?.destination()?).ok()?;
+        if dest == self.own || self.local_cell(&dest).is_some() {
+            return None;
+        }
+        Some(dest)
+    }
+
+    /// Relays a DATA frame addressed to `dest`, which is not here, towards it (§6.6): the next
+    /// hop is picked by the §7.3 rule; `cn__from` becomes this endpoint, `cn__to` the next hop,
+    /// and this endpoint is appended to `cn__route`; headers and payload are otherwise passed on
+    /// as they came (the payload is neither decoded nor copied). A next hop already on the
+    /// route (or the peer the frame came from) is refused as a loop, unless it is `dest`
+    /// itself. Stream ACKs and errors go on the next hop's answer queue, everything else on its
+    /// data queue, waiting for room (back-pressure reaches the sender's TCP connection). What
+    /// cannot be relayed is answered by [`Inner::refuse_forward`].
+    async fn forward(
+        &self,
+        peer: &Fqcn,
+        mut frame: Frame,
+        dest: Fqcn,
+        tx: &mpsc::Sender<Outbound>,
+    ) {
+        let Some(mut h) = frame.headers.take() else {
+            return;
+        };
+        let Some((next, link)) = self.pick_link(&dest) else {
+            let why = format!("no connection leads to {dest}");
+            self.refuse_forward(peer, h, &dest, &why, false, tx).await;
+            return;
+        };
+        if next != dest && (next == *peer || route_contains(&h, next.as_str())) {
+            let why = format!("next hop {next} is already on the route (loop)");
+            self.refuse_forward(peer, h, &dest, &why, true, tx).await;
+            return;
+        }
+        h.set_from(self.own.as_str());
+        h.set_to(next.as_str());
+        h.push_route(self.own.as_str(), epoch_secs());
+        let answer = h.channel() == Some(STREAM_CHANNEL)
+            && matches!(h.topic(), Some(TOPIC_ACK | TOPIC_ERROR));
+        log::trace!(
+            "endpoint {}: relaying {}/{} from {peer} for {dest} via {next}",
+            self.own,
+            h.channel().unwrap_or(""),
+            h.topic().unwrap_or("")
+        );
+        frame.headers = Some(h);
+        let queue = if answer { &link.control } else { &link.tx };
+        if let Err(mpsc::error::SendError(out)) = queue.send(Outbound { frame, done: None }).await {
+            let why = format!("the connection to {next} is closing");
+            if let Some(h) = out.frame.headers {
+                self.refuse_forward(peer, h, &dest, &why, false, tx).await;
+            }
+        }
+    }
+
+    /// A message that cannot be relayed (`why`; `is_loop`: refused as a loop): logged, then a
+    /// request that expects a reply gets the `return` message, and a stream chunk gets an
+    /// `sm__ERROR` (and its `sm__ACK` copy) from `dest` so that the streaming sender fails at
+    /// once instead of waiting for ACKs; anything else is dropped.
+    async fn refuse_forward(
+        &self,
+        peer: &Fqcn,
+        mut h: Headers,
+        dest: &Fqcn,
+        why: &str,
+        is_loop: bool,
+        tx: &mpsc::Sender<Outbound>,
+    ) {
+        let level = if is_loop || h.optional() != Some(true) {
+            log::Level::Warn
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "endpoint {}: {} from {peer} (origin {:?}) on {}/{} for {dest} not relayed: {why}",
+            self.own,
+            h.msg_type().map_or("message", |t| t.as_str()),
+            h.origin(),
+            h.channel().unwrap_or(""),
+            h.topic().unwrap_or("")
+        );
+        if h.channel() == Some(STREAM_CHANNEL) {
+            if let Some(error) = self.relay_stream_error(peer, &h, dest, why) {
+                let copy = error_pair(&error);
+                self.queue_answer(peer, error, tx).await;
+                if let Some(copy) = copy {
+                    self.queue_answer(peer, copy, tx).await;
+                }
+            }
+            return;
+        }
+        // the request's headers as a receiver sees them (the encoding is the frame's business)
+        h.remove(header::PAYLOAD_ENCODING);
+        self.answer_return(peer, &h, tx).await;
+    }
+
+    /// The `sm__ERROR` message, from `dest` to the origin of a stream chunk `h` that cannot be
+    /// relayed (the streaming sender accepts errors about its stream only from the cell it
+    /// streams to). `None` for anything but a data chunk (ACKs, errors and aborts about a
+    /// stream are not answered).
+    fn relay_stream_error(
+        &self,
+        peer: &Fqcn,
+        h: &Headers,
+        dest: &Fqcn,
+        why: &str,
+    ) -> Option<Headers> {
+        let StreamMessage::Chunk(chunk) = StreamMessage::parse(h).ok()? else {
+            return None;
+        };
+        let origin = h.origin()?;
+        let now = epoch_secs();
+        let mut e = Headers::new();
+        e.insert(stream_key::ID, chunk.stream_id);
+        e.insert(stream_key::DATA_TYPE, u64::from(DataType::Error.as_u8()));
+        e.insert(
+            stream_key::ERROR_MESSAGE,
+            format!("{} cannot forward to {dest}: {why}", self.own),
+        );
+        e.insert(stream_key::ERROR_TYPE, "StreamError");
+        e.insert(stream_key::CHANNEL, chunk.channel);
+        e.insert(stream_key::TOPIC, chunk.topic);
+        if let Some(ri) = chunk.request_id {
+            e.insert(stream_key::REQUEST_ID, ri);
+        }
+        e.set_reply_expected(false);
+        e.set_optional(true);
+        e.set_secure(false);
+        e.set_topic(TOPIC_ERROR);
+        e.set_channel(STREAM_CHANNEL);
+        e.set_destination(origin);
+        e.set_from(self.own.as_str());
+        e.set_to(peer.as_str());
+        e.set_origin(dest.as_str());
+        e.set_msg_type(MsgType::Req);
+        e.set_route([(self.own.as_str(), now)]);
+        e.set_payload_encoding(fedrun_cell::PayloadEncoding::None);
+        e.set_payload_len(0);
+        e.set_send_time(now);
+        Some(e)
     }
 
     /// Queues a header-only answer on the connection it answers (not waiting for the write).
@@ -1051,6 +1232,7 @@ impl Inner {
         let link = Link {
             conn_id,
             tx: tx.clone(),
+            control: control_tx.clone(),
             cancel: cancel.clone(),
         };
         let evicted = self
@@ -1133,6 +1315,15 @@ impl Inner {
             };
             match frame.frame_type {
                 FrameType::Data if frame.app_id == APP_ID_CELLNET => {
+                    if let Some(dest) = self.relay_destination(&frame) {
+                        // passed on undecoded: a relay never decodes a payload it only carries
+                        tokio::select! {
+                            biased;
+                            () = cancel.cancelled() => return Ok(()),
+                            () = self.forward(peer, frame, dest, tx) => {}
+                        }
+                        continue;
+                    }
                     let msg = message_from_frame(frame)?;
                     self.handle_incoming(peer, msg, tx).await;
                 }
@@ -1182,6 +1373,20 @@ fn send_error_code(e: &WireError) -> CellReturnCode {
         WireError::NoRoute(_) => CellReturnCode::TargetUnreachable,
         _ => CellReturnCode::CommError,
     }
+}
+
+/// Whether `name` is a hop of `h`'s `cn__route` (a list of `[fqcn, time]`; a hop of another
+/// shape is skipped, never trusted blindly nor a reason to fail).
+fn route_contains(h: &Headers, name: &str) -> bool {
+    let Some(hops) = h.get(header::ROUTE).and_then(Value::as_array) else {
+        return false;
+    };
+    hops.iter().any(|hop| {
+        hop.as_array()
+            .and_then(|pair| pair.first())
+            .and_then(Value::as_str)
+            == Some(name)
+    })
 }
 
 /// Writes queued frames, control answers first, numbering them (sequence per connection, stream
@@ -1390,6 +1595,32 @@ mod tests {
     }
 
     #[test]
+    fn route_check_finds_hop_names_and_skips_malformed_hops() {
+        let mut h = Headers::new();
+        assert!(!route_contains(&h, "server"), "no route");
+        h.set_route([("site-1.job1", 1.0), ("server", 2.0)]);
+        assert!(route_contains(&h, "server"));
+        assert!(route_contains(&h, "site-1.job1"));
+        assert!(!route_contains(&h, "site-1"), "names, not prefixes");
+        h.insert(
+            header::ROUTE,
+            Value::Array(vec![
+                Value::from("server"),
+                Value::Array(vec![]),
+                Value::Array(vec![Value::from(3), Value::from("server")]),
+                Value::Array(vec![Value::from("site-2"), Value::from(1.0)]),
+            ]),
+        );
+        assert!(
+            !route_contains(&h, "server"),
+            "only [fqcn, time] hops count"
+        );
+        assert!(route_contains(&h, "site-2"));
+        h.insert(header::ROUTE, "server");
+        assert!(!route_contains(&h, "server"), "a route that is not a list");
+    }
+
+    #[test]
     fn route_picks_direct_peer_then_longest_prefix_then_server_then_parent() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -1401,6 +1632,7 @@ mod tests {
             let (tx, _rx) = mpsc::channel(1);
             let link = Link {
                 conn_id: 0,
+                control: tx.clone(),
                 tx,
                 cancel: CancellationToken::new(),
             };
