@@ -253,7 +253,7 @@ async fn unknown_target_answers_target_unreachable() {
 #[actix::test]
 async fn request_for_a_cell_the_peer_does_not_host_comes_back_as_return_comm_error() {
     let p = pair().await;
-    // site-9 is routed via `server`, which has no such cell and does not forward
+    // site-9 is routed via `server`, which has no such cell and no connection that leads to it
     let reply = p
         .job
         .send_request(request(fqcn("site-9"), Payload::None, DEADLINE))
