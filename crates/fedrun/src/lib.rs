@@ -6,7 +6,9 @@
 //! - [`fobs`]: NVFlare's FOBS payload codec, byte-exact with NVFlare 2.9;
 //! - [`cell`]: cells, cell messages and the in-process network;
 //! - [`engine`]: the client job engine: the `ClientRunManager` facade and its actors, started
-//!   with [`ClientEngine`] and driven through an [`EngineHandle`].
+//!   with [`ClientEngine`] and driven through an [`EngineHandle`]; executors and the task loop;
+//! - [`server`]: the server job: NVFlare's task protocol, workflows, ScatterAndGather/FedAvg;
+//! - [`wire`]: NVFlare's wire: SFM frames and the TCP transport for cells.
 //!
 //! # Example
 //! ```
@@ -24,3 +26,5 @@ pub use fedrun_core::{AppReturnCode, CellReturnCode, Map, ReturnCode, Shareable,
 pub use fedrun_engine as engine;
 pub use fedrun_engine::{ClientEngine, EngineError, EngineHandle};
 pub use fedrun_fobs as fobs;
+pub use fedrun_server as server;
+pub use fedrun_wire as wire;
