@@ -87,16 +87,16 @@ for r in $(seq 1 "$ROUNDS"); do
   fr --scenario multicast --path aux --clients 8 --count 1000
   nv --scenario multicast --path core --clients 8 --count 200
   fr --scenario multicast --path core --clients 8 --count 1000
-  # 4. large transfers; fedrun's aux path streams objects (StreamObjects + BytesProducer, 1 MiB
-  #    chunks, read lazily); the 1016 KiB variant shows the cost of pieces that cross the wire's
-  #    1 MiB stream threshold
+  # 4. large transfers; fedrun's aux path streams objects (StreamObjects + BytesProducer, 4 MiB
+  #    pieces by default, read lazily); the 1 MiB variant shows the cost of more pieces (one aux
+  #    round trip each)
   nv --scenario large --path aux --size-mib 1 --count 10
   fr --scenario large --path aux --size-mib 1 --count 20
   nv --scenario large --path aux --size-mib 16 --count 3
   fr --scenario large --path aux --size-mib 16 --count 5
   nv --scenario large --path aux --size-mib 128 --count 2
   fr --scenario large --path aux --size-mib 128 --count 3
-  fr --scenario large --path aux --size-mib 128 --count 3 --chunk-kib 1016
+  fr --scenario large --path aux --size-mib 128 --count 3 --chunk-kib 1024
   nv --scenario large --path core --size-mib 128 --count 2
   fr --scenario large --path core --size-mib 128 --count 3
   c bulk 4096

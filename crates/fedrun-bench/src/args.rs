@@ -9,6 +9,13 @@ use std::time::Duration;
 
 use crate::error::BenchError;
 
+/// The default piece size of a large aux transfer, in KiB: 4 MiB. Of the sizes measured (1, 2,
+/// 4, 8 and 16 MiB pieces of a 128 MiB object) it was the fastest that keeps the peak RSS over
+/// idle of each side under 32 MiB (4 MiB: about 14 MiB on the sender; 8 MiB sent as one frame: about 33 MiB).
+/// Such a piece crosses the wire's stream threshold and leaves as a windowed stream of 1 MiB
+/// chunks; fewer pieces per MiB means fewer aux round trips (one piece is in flight per stream).
+pub const DEFAULT_CHUNK_KIB: usize = 4096;
+
 /// A measured scenario (the names are `cellbench.py`'s).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -173,7 +180,8 @@ pub struct Options {
     pub size_mib: f64,
     /// Where a large aux transfer's bytes come from.
     pub source: Source,
-    /// The chunk size of a large aux transfer (`BytesProducer`), in KiB.
+    /// The chunk size of a large aux transfer (`BytesProducer`), in KiB
+    /// ([`DEFAULT_CHUNK_KIB`] unless `--chunk-kib` says otherwise).
     pub chunk_kib: usize,
     /// Wall-clock bound of one run.
     pub deadline: Duration,
@@ -223,7 +231,7 @@ impl Options {
         let mut clients = 8;
         let mut size_mib = 1.0;
         let mut source = Source::Reader;
-        let mut chunk_kib = 1024;
+        let mut chunk_kib = DEFAULT_CHUNK_KIB;
         let mut deadline = Duration::from_secs(240);
         let mut results_dir = PathBuf::from("results");
         let mut name = String::new();
@@ -309,7 +317,7 @@ impl Options {
             Scenario::Throughput => tag.push_str(&format!("-c{}", self.concurrency)),
             Scenario::Large => {
                 tag.push_str(&format!("-{}MiB", fmt_g(self.size_mib)));
-                if self.chunk_kib != 1024 {
+                if self.chunk_kib != DEFAULT_CHUNK_KIB {
                     tag.push_str(&format!("-ck{}", self.chunk_kib));
                 }
             }

@@ -35,7 +35,7 @@ pub mod orchestrator;
 pub mod report;
 pub mod scenarios;
 
-pub use args::{Options, PathKind, Scenario, Source, TableOptions};
+pub use args::{Options, PathKind, Scenario, Source, TableOptions, DEFAULT_CHUNK_KIB};
 pub use error::BenchError;
 pub use orchestrator::run_orchestrator;
 pub use report::run_table;

@@ -379,7 +379,7 @@ pub fn render(nv: &Results, fr: &Results, limits: &Limits) -> String {
     let bulk = limits.get("bulk.mib_s");
     for size in [1, 16, 128] {
         push(
-            format!("{size} MiB transfer (object stream, 1 MiB pieces)"),
+            format!("{size} MiB transfer (object stream, 4 MiB pieces)"),
             &format!("large-aux-{size}MiB"),
             "mib_s",
             "MiB/s",
@@ -388,8 +388,8 @@ pub fn render(nv: &Results, fr: &Results, limits: &Limits) -> String {
         );
     }
     push(
-        "128 MiB transfer (object stream, 1016 KiB pieces)".to_owned(),
-        "large-aux-128MiB-ck1016",
+        "128 MiB transfer (object stream, 1 MiB pieces)".to_owned(),
+        "large-aux-128MiB-ck1024",
         "mib_s",
         "MiB/s",
         Better::Higher,

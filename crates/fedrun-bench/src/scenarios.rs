@@ -4,7 +4,7 @@
 //!
 //! - **aux**: through the engine — `EngineHandle::send_aux_request` (a site) or the server job's
 //!   `AuxRunner` (`SendAuxRequest`, multicast), aux fire-and-forget, and object streaming
-//!   (`StreamObjects` with a `BytesProducer`, 1 MiB chunks) for large transfers;
+//!   (`StreamObjects` with a `BytesProducer`, 4 MiB pieces by default) for large transfers;
 //! - **core**: plain cells — `SendRequest`, `SendMultiRequest`, `FireAndForget`, one frame each.
 //!
 //! Every reply is checked; a failed one counts as an error in the result, never as a success.

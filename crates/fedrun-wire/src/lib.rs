@@ -78,6 +78,6 @@ pub use stream_rx::{
 };
 pub use stream_tx::{
     StreamChannels, StreamSendConfig, NVFLARE_UNSTREAMED_CHANNELS, SENDER_ACK_INTERVAL,
-    STREAM_ACK_TIMEOUT, STREAM_THRESHOLD,
+    STREAM_ACK_TIMEOUT, STREAM_THRESHOLD, STREAM_THRESHOLD_HEADROOM,
 };
 pub use transport::{TcpTransport, TcpUrl, WireConfig, BYE_TOPIC, CELLNET_CHANNEL};

@@ -7,7 +7,7 @@
 //! This module is the sending half of NVFlare's byte streamer:
 //!
 //! - **when** ([`StreamSendConfig`]): a request or fire-and-forget message whose encoded payload
-//!   is above a threshold (1 MiB by default), or any message on a channel chosen with
+//!   is above a threshold (one 1 MiB chunk plus 64 KiB of room for headers, by default), or any message on a channel chosen with
 //!   [`StreamChannels`] (for instance NVFlare's own rule), leaves as a stream. Replies never do,
 //!   except the reply to a streamed request, which always does (on `return_only`, §9.5).
 //! - **how**: the encoded blob is cut into `Bytes` slices (no copy), every non-final chunk
@@ -50,8 +50,13 @@ use crate::transport::{Outbound, CELLNET_CHANNEL};
 pub const SENDER_ACK_INTERVAL: u64 = 16 * 1024 * 1024;
 /// How long a sender waits without ACK progress before it gives up (NVFlare's 60 s).
 pub const STREAM_ACK_TIMEOUT: Duration = Duration::from_secs(60);
-/// Encoded payloads above this size are streamed (NVFlare's chunk size, 1 MiB).
-pub const STREAM_THRESHOLD: usize = SEND_CHUNK_SIZE;
+/// Room the stream threshold leaves above one chunk for the envelope of a message (its
+/// Shareable headers and codec framing), 64 KiB.
+pub const STREAM_THRESHOLD_HEADROOM: usize = 64 * 1024;
+/// Encoded payloads above this size are streamed: one chunk (NVFlare's chunk size, 1 MiB) plus
+/// [`STREAM_THRESHOLD_HEADROOM`], so that a message carrying one chunk's worth of data (an
+/// object-stream piece of 1 MiB with its headers) still travels as one frame.
+pub const STREAM_THRESHOLD: usize = SEND_CHUNK_SIZE + STREAM_THRESHOLD_HEADROOM;
 /// The channels NVFlare's `Cell` never streams (wire spec §9.1); every other non-empty channel
 /// it streams.
 pub const NVFLARE_UNSTREAMED_CHANNELS: [&str; 8] = [
@@ -147,7 +152,7 @@ pub struct StreamSendConfig {
     /// A stream without ACK progress for this long is given up (60 s).
     pub ack_timeout: Duration,
     /// Requests and fire-and-forget messages whose encoded payload is larger than this are
-    /// streamed (1 MiB); `usize::MAX` streams by channel only.
+    /// streamed ([`STREAM_THRESHOLD`], 1 MiB + 64 KiB); `usize::MAX` streams by channel only.
     pub threshold: usize,
     /// Channels whose messages are always streamed ([`StreamChannels::None`]).
     pub channels: StreamChannels,
@@ -176,14 +181,16 @@ impl StreamSendConfig {
     ///
     /// ```
     /// use fedrun_cell::{Headers, MsgType};
-    /// use fedrun_wire::StreamSendConfig;
+    /// use fedrun_wire::{StreamSendConfig, STREAM_THRESHOLD};
     ///
     /// let mut h = Headers::new();
     /// h.set_msg_type(MsgType::Req);
     /// h.set_channel("server_command");
     /// let config = StreamSendConfig::default();
-    /// assert!(!config.wants_stream(&h, 1024 * 1024));
-    /// assert!(config.wants_stream(&h, 1024 * 1024 + 1));
+    /// // one 1 MiB chunk plus its headers is still one frame
+    /// assert!(!config.wants_stream(&h, 1024 * 1024 + 300));
+    /// assert!(!config.wants_stream(&h, STREAM_THRESHOLD));
+    /// assert!(config.wants_stream(&h, STREAM_THRESHOLD + 1));
     /// h.set_msg_type(MsgType::Reply);
     /// assert!(!config.wants_stream(&h, 1 << 30));
     /// ```

@@ -20,7 +20,7 @@ use fedrun_wire::stream::{
 };
 use fedrun_wire::{
     frame_from_message, message_from_frame, Frame, FrameType, HandshakeInfo, SfmCodec,
-    StreamChannels, StreamSendConfig, TcpTransport, WireConfig, WireError,
+    StreamChannels, StreamSendConfig, TcpTransport, WireConfig, WireError, STREAM_THRESHOLD,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -332,7 +332,7 @@ async fn streamed_reply_to_a_streamed_request_on_a_chosen_channel_reaches_the_wa
 #[actix::test]
 async fn big_fire_and_forget_is_streamed_without_a_stream_request_id() {
     let mut p = pair(WireConfig::default(), WireConfig::default()).await;
-    let blob = pattern(MIB + 1);
+    let blob = pattern(STREAM_THRESHOLD + 1);
     let msg = CellMessage::new(Payload::Bytes(blob.clone()));
     let sent = p
         .job
@@ -351,7 +351,7 @@ async fn big_fire_and_forget_is_streamed_without_a_stream_request_id() {
         .collect();
     assert_eq!(
         up.iter().map(|c| c.payload_len).collect::<Vec<_>>(),
-        [MIB, 1]
+        [MIB, STREAM_THRESHOLD + 1 - MIB]
     );
     assert!(up.iter().all(|c| c.sm_str(key::REQUEST_ID).is_none()));
     p.shutdown().await;
