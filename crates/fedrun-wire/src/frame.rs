@@ -358,6 +358,43 @@ impl Frame {
     ///
     /// As [`Frame::header_block`], and [`WireError::FrameTooLarge`].
     pub fn encode_into(&self, out: &mut BytesMut, max_frame_size: usize) -> Result<(), WireError> {
+        self.encode_head_into(out, max_frame_size, self.payload.len())?;
+        out.extend_from_slice(&self.payload);
+        Ok(())
+    }
+
+    /// The encoded prefix and header block, without the payload: what goes on the wire before
+    /// the payload, so that a big payload can be written from its own buffer instead of being
+    /// copied behind them. Refuses frames above `max_frame_size`, as [`Frame::encode_into`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Frame::encode_into`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use fedrun_wire::{Frame, MAX_FRAME_SIZE};
+    ///
+    /// let mut frame = Frame::ping();
+    /// frame.payload = Bytes::from_static(b"payload");
+    /// let head = frame.encode_head(MAX_FRAME_SIZE).unwrap();
+    /// assert_eq!([&head[..], &frame.payload[..]].concat(), frame.encode().unwrap());
+    /// ```
+    pub fn encode_head(&self, max_frame_size: usize) -> Result<Bytes, WireError> {
+        let mut out = BytesMut::new();
+        self.encode_head_into(&mut out, max_frame_size, 0)?;
+        Ok(out.freeze())
+    }
+
+    /// Appends prefix and header block to `out`, reserving `extra` more bytes.
+    fn encode_head_into(
+        &self,
+        out: &mut BytesMut,
+        max_frame_size: usize,
+        extra: usize,
+    ) -> Result<(), WireError> {
         let block = self.header_block()?;
         let header_len = u16::try_from(block.len())
             .map_err(|_| WireError::HeadersTooLarge { len: block.len() })?;
@@ -379,10 +416,9 @@ impl Frame {
             stream_id: self.stream_id,
             sequence: self.sequence,
         };
-        out.reserve(total);
+        out.reserve(PREFIX_LEN + block.len() + extra);
         prefix.write(out);
         out.extend_from_slice(&block);
-        out.extend_from_slice(&self.payload);
         Ok(())
     }
 
