@@ -261,12 +261,12 @@ pub fn encode_payload(payload: &Payload, options: &EncodeOptions) -> Result<Byte
     encode_parts(&payload.value, &payload.extra_datums, options, ids)
 }
 
-fn encode_parts(
-    value: &Value,
-    extra: &[Datum],
+/// Decide which leaves become datums, and their ids (`ids` in order, then fresh ones).
+fn plan_parts<'v>(
+    value: &'v Value,
     options: &EncodeOptions,
     ids: &[Uuid],
-) -> Result<Bytes, FobsError> {
+) -> Result<Planned<'v>, FobsError> {
     if options.max_value_size == 0 {
         return Err(FobsError::InvalidOption(
             "max_value_size must be greater than 0",
@@ -290,26 +290,116 @@ fn encode_parts(
 
     let mut counter = ByteCounter::default();
     write_tree(&mut counter, value, &plan, ENCODE_MAX_DEPTH)?;
-    let main_len = counter.0;
-    let datum_len: usize = datums
-        .iter()
-        .map(|(_, leaf)| SECTION_HEADER_LEN + lobs::DATUM_ID_LEN + leaf_bytes(leaf).len())
-        .sum::<usize>()
-        + extra.iter().map(Datum::section_len).sum::<usize>();
-    let mut out = Vec::with_capacity(SECTION_HEADER_LEN + main_len + datum_len);
-    lobs::write_section_header(&mut out, lobs::MARKER_MAIN, 0, main_len as u64);
-    write_tree(&mut out, value, &plan, ENCODE_MAX_DEPTH)?;
-    for (id, leaf) in &datums {
+    Ok(Planned {
+        plan,
+        datums,
+        main_len: counter.0,
+    })
+}
+
+/// What [`plan_parts`] decided: which leaves become datums, under which ids, and the length of
+/// the main section's body.
+struct Planned<'v> {
+    plan: Plan,
+    datums: Vec<(Uuid, &'v Value)>,
+    main_len: usize,
+}
+
+/// Write a planned LOBS payload into `s`: the main section, the datums, the extra datums.
+fn write_parts<S: Sink>(
+    s: &mut S,
+    value: &Value,
+    extra: &[Datum],
+    planned: &Planned<'_>,
+) -> Result<(), FobsError> {
+    let mut head = Vec::with_capacity(SECTION_HEADER_LEN + lobs::DATUM_ID_LEN);
+    lobs::write_section_header(&mut head, lobs::MARKER_MAIN, 0, planned.main_len as u64);
+    s.put(&head);
+    write_tree(s, value, &planned.plan, ENCODE_MAX_DEPTH)?;
+    for (id, leaf) in &planned.datums {
         let kind = match leaf {
             Value::Str(_) => DatumKind::Text,
             _ => DatumKind::Blob,
         };
-        lobs::write_datum_section(&mut out, kind, 0, id, leaf_bytes(leaf));
+        let content = leaf_bytes(leaf);
+        head.clear();
+        lobs::write_section_header(
+            &mut head,
+            kind.marker(),
+            0,
+            (lobs::DATUM_ID_LEN + content.len()) as u64,
+        );
+        head.extend_from_slice(id.as_bytes());
+        s.put(&head);
+        match leaf {
+            Value::Bin(b) => s.put_shared(b),
+            _ => s.put(content),
+        }
     }
     for d in extra {
-        lobs::write_datum(&mut out, d);
+        head.clear();
+        lobs::write_section_header(
+            &mut head,
+            d.kind.marker(),
+            d.dot,
+            (lobs::DATUM_ID_LEN + d.content.len()) as u64,
+        );
+        head.extend_from_slice(d.id.as_bytes());
+        s.put(&head);
+        s.put_shared(&d.content);
     }
+    Ok(())
+}
+
+/// The encoded length of a planned payload.
+fn parts_len(extra: &[Datum], planned: &Planned<'_>) -> usize {
+    SECTION_HEADER_LEN
+        + planned.main_len
+        + planned
+            .datums
+            .iter()
+            .map(|(_, leaf)| SECTION_HEADER_LEN + lobs::DATUM_ID_LEN + leaf_bytes(leaf).len())
+            .sum::<usize>()
+        + extra.iter().map(Datum::section_len).sum::<usize>()
+}
+
+fn encode_parts(
+    value: &Value,
+    extra: &[Datum],
+    options: &EncodeOptions,
+    ids: &[Uuid],
+) -> Result<Bytes, FobsError> {
+    let planned = plan_parts(value, options, ids)?;
+    let mut out = Vec::with_capacity(parts_len(extra, &planned));
+    write_parts(&mut out, value, extra, &planned)?;
     Ok(Bytes::from(out))
+}
+
+/// Encode a value as [`encode_with`] does, but as a list of buffers whose concatenation is
+/// exactly [`encode_with`]'s output (for the same datum ids): a `bytes` value of at least
+/// [`msgpack::SHARED_SEGMENT_MIN`] bytes, inline or as a datum, is referenced as a segment of its
+/// own instead of being copied. For senders that write the payload out in vectored writes (or
+/// cut it into stream chunks) without ever needing it in one buffer.
+///
+/// # Example
+/// ```
+/// use bytes::Bytes;
+/// use fedrun_core::{Shareable, Value};
+/// use fedrun_fobs::{encode, encode_segments, EncodeOptions};
+///
+/// let data = Bytes::from(vec![9u8; 1 << 20]);
+/// let mut s = Shareable::new();
+/// s.insert("data", data.clone());
+/// let v = Value::from(s);
+/// let segments = encode_segments(&v, &EncodeOptions::default()).unwrap();
+/// assert!(segments.iter().any(|seg| seg.as_ptr() == data.as_ptr())); // referenced
+/// assert_eq!(segments.concat(), encode(&v).unwrap());
+/// ```
+pub fn encode_segments(value: &Value, options: &EncodeOptions) -> Result<Vec<Bytes>, FobsError> {
+    let planned = plan_parts(value, options, options.datum_ids.as_deref().unwrap_or(&[]))?;
+    let mut out = msgpack::Segments::default();
+    write_parts(&mut out, value, &[], &planned)?;
+    Ok(out.into_segments())
 }
 
 /// The bytes a datum leaf contributes (a str's UTF-8, a bin's bytes, an ndarray's `.npy`).
@@ -872,5 +962,39 @@ mod tests {
         assert_eq!(p.extra_datums, vec![download, file]);
         assert!(p.datum_ids.is_empty());
         assert_eq!(encode_payload(&p, &EncodeOptions::default()).unwrap(), out);
+    }
+
+    #[test]
+    fn segments_concatenate_to_the_exact_encoding_and_reference_big_bytes() {
+        let inline = Bytes::from((0..200_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let datum = Bytes::from(vec![3u8; 300_000]);
+        let small = Bytes::from(vec![5u8; 100]);
+        let mut s = Shareable::new();
+        s.insert("inline", inline.clone());
+        s.insert("small", small);
+        let mut inner = Map::new();
+        inner.insert("big", datum.clone());
+        s.insert("nested", Value::Map(inner));
+        s.insert(
+            "array",
+            NdArray::from_u8(&[70_000], &[1u8; 70_000]).unwrap(),
+        );
+        let v = Value::from(s);
+        // `datum` and the array go into datum sections; `inline` stays inline
+        let opts = EncodeOptions {
+            max_value_size: 250_000,
+            datum_ids: Some(vec![Uuid::from_u128(1), Uuid::from_u128(2)]),
+        };
+        let whole = encode_with(&v, &opts).unwrap();
+        let segments = encode_segments(&v, &opts).unwrap();
+        assert_eq!(segments.concat(), whole);
+        assert!(segments.iter().all(|seg| !seg.is_empty()));
+        for big in [&inline, &datum] {
+            assert!(
+                segments.iter().any(|seg| seg.as_ptr() == big.as_ptr()),
+                "a big bytes value was copied"
+            );
+        }
+        assert_eq!(decode(whole).unwrap().value, v);
     }
 }

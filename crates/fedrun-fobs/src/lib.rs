@@ -39,7 +39,7 @@ pub mod msgpack;
 pub mod tags;
 
 pub use codec::{
-    decode, decode_value, decode_with, encode, encode_payload, encode_value, encode_with,
-    DecodeOptions, EncodeOptions, Payload, DEFAULT_MAX_VALUE_SIZE,
+    decode, decode_value, decode_with, encode, encode_payload, encode_segments, encode_value,
+    encode_with, DecodeOptions, EncodeOptions, Payload, DEFAULT_MAX_VALUE_SIZE,
 };
 pub use error::FobsError;

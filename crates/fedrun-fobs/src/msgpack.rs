@@ -444,6 +444,12 @@ enum Frame {
 pub trait Sink {
     /// Append bytes.
     fn put(&mut self, bytes: &[u8]);
+
+    /// Append the bytes of a shared buffer. The default copies them as [`Sink::put`] does;
+    /// [`Segments`] keeps a reference to a big buffer instead.
+    fn put_shared(&mut self, bytes: &Bytes) {
+        self.put(bytes);
+    }
 }
 
 impl Sink for Vec<u8> {
@@ -468,6 +474,64 @@ pub struct ByteCounter(pub usize);
 impl Sink for ByteCounter {
     fn put(&mut self, bytes: &[u8]) {
         self.0 += bytes.len();
+    }
+}
+
+/// The smallest shared buffer a [`Segments`] sink references instead of copying (64 KiB).
+pub const SHARED_SEGMENT_MIN: usize = 64 * 1024;
+
+/// A [`Sink`] that collects an encoding as a list of buffers whose concatenation is the
+/// encoding: small writes are gathered into one buffer, and a shared buffer (a `bytes` value) of
+/// at least [`SHARED_SEGMENT_MIN`] bytes becomes a segment of its own, referenced, not copied.
+///
+/// # Example
+/// ```
+/// use bytes::Bytes;
+/// use fedrun_fobs::msgpack::{write_bin_len, Segments, Sink};
+///
+/// let big = Bytes::from(vec![7u8; 100_000]);
+/// let mut s = Segments::default();
+/// write_bin_len(&mut s, big.len()).unwrap();
+/// s.put_shared(&big);
+/// s.put(b"\x01");
+/// let segments = s.into_segments();
+/// assert_eq!(segments.len(), 3); // the bin header, the value itself, what follows
+/// assert_eq!(&segments[0][..], &[0xc6, 0, 1, 0x86, 0xa0]);
+/// assert_eq!(segments[1].as_ptr(), big.as_ptr()); // not copied
+/// ```
+#[derive(Debug, Default)]
+pub struct Segments {
+    done: Vec<Bytes>,
+    current: Vec<u8>,
+}
+
+impl Segments {
+    /// The segments, in order (none for an empty encoding; never an empty segment).
+    pub fn into_segments(mut self) -> Vec<Bytes> {
+        self.close_current();
+        self.done
+    }
+
+    fn close_current(&mut self) {
+        if !self.current.is_empty() {
+            self.done
+                .push(Bytes::from(std::mem::take(&mut self.current)));
+        }
+    }
+}
+
+impl Sink for Segments {
+    fn put(&mut self, bytes: &[u8]) {
+        self.current.extend_from_slice(bytes);
+    }
+
+    fn put_shared(&mut self, bytes: &Bytes) {
+        if bytes.len() < SHARED_SEGMENT_MIN {
+            self.current.extend_from_slice(bytes);
+        } else {
+            self.close_current();
+            self.done.push(bytes.clone());
+        }
     }
 }
 
@@ -694,7 +758,10 @@ pub(crate) fn write_scalar<S: Sink>(s: &mut S, v: &Value) -> Result<bool, FobsEr
         Value::F32(f) => write_f32(s, *f),
         Value::F64(f) => write_f64(s, *f),
         Value::Str(text) => write_str(s, text)?,
-        Value::Bin(b) => write_bin(s, b)?,
+        Value::Bin(b) => {
+            write_bin_len(s, b.len())?;
+            s.put_shared(b);
+        }
         Value::Ext(tag, data) => write_ext(s, *tag, data)?,
         _ => return Ok(false),
     }

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use fedrun_core::ndarray::DType;
 use fedrun_core::Value;
-use fedrun_fobs::{decode, encode_payload, EncodeOptions, Payload, DEFAULT_MAX_VALUE_SIZE};
+use fedrun_fobs::{
+    decode, encode_payload, encode_segments, EncodeOptions, Payload, DEFAULT_MAX_VALUE_SIZE,
+};
 
 fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/nvflare-2.9")
@@ -51,6 +53,18 @@ fn round_trip(what: &str, bytes: &[u8], max_value_size: usize) -> Payload {
             input.len(),
             hex::encode(&again[at.saturating_sub(16)..(at + 48).min(again.len())]),
             hex::encode(&input[at.saturating_sub(16)..(at + 48).min(input.len())]),
+        );
+    }
+    if payload.extra_datums.is_empty() {
+        let opts = EncodeOptions {
+            max_value_size,
+            datum_ids: Some(payload.datum_ids.clone()),
+        };
+        let segments = encode_segments(&payload.value, &opts)
+            .unwrap_or_else(|e| panic!("{what}: segments: {e}"));
+        assert!(
+            segments.concat() == input,
+            "{what}: the segments do not concatenate to the vector"
         );
     }
     payload

@@ -358,7 +358,7 @@ impl Frame {
     ///
     /// As [`Frame::header_block`], and [`WireError::FrameTooLarge`].
     pub fn encode_into(&self, out: &mut BytesMut, max_frame_size: usize) -> Result<(), WireError> {
-        self.encode_head_into(out, max_frame_size, self.payload.len())?;
+        self.encode_head_into(out, max_frame_size, self.payload.len(), self.payload.len())?;
         out.extend_from_slice(&self.payload);
         Ok(())
     }
@@ -383,22 +383,34 @@ impl Frame {
     /// assert_eq!([&head[..], &frame.payload[..]].concat(), frame.encode().unwrap());
     /// ```
     pub fn encode_head(&self, max_frame_size: usize) -> Result<Bytes, WireError> {
+        self.encode_head_for(max_frame_size, self.payload.len())
+    }
+
+    /// [`Frame::encode_head`] for a payload of `payload_len` bytes held elsewhere (the frame's
+    /// own `payload` is then empty).
+    pub(crate) fn encode_head_for(
+        &self,
+        max_frame_size: usize,
+        payload_len: usize,
+    ) -> Result<Bytes, WireError> {
         let mut out = BytesMut::new();
-        self.encode_head_into(&mut out, max_frame_size, 0)?;
+        self.encode_head_into(&mut out, max_frame_size, payload_len, 0)?;
         Ok(out.freeze())
     }
 
-    /// Appends prefix and header block to `out`, reserving `extra` more bytes.
+    /// Appends prefix and header block of a frame with a payload of `payload_len` bytes to
+    /// `out`, reserving `extra` more bytes.
     fn encode_head_into(
         &self,
         out: &mut BytesMut,
         max_frame_size: usize,
+        payload_len: usize,
         extra: usize,
     ) -> Result<(), WireError> {
         let block = self.header_block()?;
         let header_len = u16::try_from(block.len())
             .map_err(|_| WireError::HeadersTooLarge { len: block.len() })?;
-        let total = PREFIX_LEN + block.len() + self.payload.len();
+        let total = PREFIX_LEN + block.len() + payload_len;
         let length = u32::try_from(total)
             .ok()
             .filter(|_| total <= max_frame_size)

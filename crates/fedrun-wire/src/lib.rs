@@ -56,6 +56,7 @@
 //! assert_eq!(frame.encode().unwrap(), bytes);
 //! ```
 
+mod body;
 pub mod codec;
 pub mod error;
 pub mod frame;

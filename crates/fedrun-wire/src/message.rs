@@ -12,6 +12,7 @@ use bytes::Bytes;
 use fedrun_cell::{header, CellMessage, Payload, PayloadEncoding};
 use fedrun_core::Value;
 
+use crate::body::Body;
 use crate::error::WireError;
 use crate::frame::{Frame, FrameType};
 
@@ -46,6 +47,25 @@ pub fn encode_payload(payload: &Payload) -> Result<(PayloadEncoding, Bytes), Wir
                 fedrun_fobs::encode(other).map_err(WireError::PayloadEncode)?,
             ),
         },
+    })
+}
+
+/// [`encode_payload`] as a [`Body`]: the same bytes, but a big `bytes` value inside a FOBS
+/// payload is referenced as a segment of its own instead of being copied
+/// ([`fedrun_fobs::encode_segments`]).
+pub(crate) fn encode_payload_body(payload: &Payload) -> Result<(PayloadEncoding, Body), WireError> {
+    Ok(match payload {
+        Payload::Value(v) if !matches!(v.as_ref(), Value::Nil | Value::Bin(_)) => (
+            PayloadEncoding::Fobs,
+            Body::from_segments(
+                fedrun_fobs::encode_segments(v, &fedrun_fobs::EncodeOptions::default())
+                    .map_err(WireError::PayloadEncode)?,
+            ),
+        ),
+        other => {
+            let (encoding, bytes) = encode_payload(other)?;
+            (encoding, Body::from(bytes))
+        }
     })
 }
 

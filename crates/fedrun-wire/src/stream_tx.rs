@@ -37,6 +37,7 @@ use fedrun_cell::{header, CellMessage, Fqcn, Headers, MsgType, Payload, PayloadE
 use fedrun_core::{CellReturnCode, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::body::Body;
 use crate::error::WireError;
 use crate::frame::epoch_secs;
 use crate::message::frame_from_message;
@@ -227,7 +228,7 @@ pub(crate) struct ChunkParams {
 /// each chunk's payload is a slice of the blob.
 pub(crate) struct MessageChunks {
     /// The encoded payload of the logical message.
-    blob: Bytes,
+    blob: Body,
     encoding: PayloadEncoding,
     request_id: Option<String>,
     channel: String,
@@ -257,7 +258,7 @@ impl MessageChunks {
     pub(crate) fn new(
         logical: &Headers,
         encoding: PayloadEncoding,
-        blob: Bytes,
+        blob: impl Into<Body>,
         request_id: Option<String>,
         params: ChunkParams,
         ack_interval: u64,
@@ -283,7 +284,7 @@ impl MessageChunks {
             .map(|(k, v)| (k.to_owned(), v.clone()))
             .collect();
         Ok(MessageChunks {
-            blob,
+            blob: blob.into(),
             encoding,
             request_id,
             channel: need(logical.channel(), header::CHANNEL)?,
@@ -362,7 +363,8 @@ impl Iterator for MessageChunks {
             .saturating_add(self.params.chunk_size)
             .min(self.blob.len());
         let is_final = end == self.blob.len();
-        let piece = self.blob.slice(start..end);
+        // zero-copy unless the chunk spans a segment boundary of the encoding
+        let piece = self.blob.slice_bytes(start, end);
         let headers = self.headers(self.next_seq, start, piece.len(), is_final);
         self.next_offset = end;
         self.next_seq += 1;
@@ -478,7 +480,11 @@ impl Drop for Registration<'_> {
             // try_send: the abort is a courtesy; with a full queue the receiver's own
             // limits end the stream.
             Ok(frame) => {
-                let _ = self.tx.try_send(Outbound { frame, done: None });
+                let _ = self.tx.try_send(Outbound {
+                    frame,
+                    body: None,
+                    done: None,
+                });
             }
             Err(e) => log::debug!("stream {} abort not built: {e}", self.stream_id),
         }
@@ -787,6 +793,7 @@ impl StreamSender {
             let (done, written) = oneshot::channel();
             t.tx.send(Outbound {
                 frame,
+                body: None,
                 done: Some(done),
             })
             .await

@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use actix::Recipient;
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use fedrun_cell::{header, CellError, CellMessage, Deliver, Fqcn, Headers, MsgType, Transport};
 use fedrun_core::{CellReturnCode, Map, Value};
 use futures::future::BoxFuture;
@@ -63,12 +63,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::body::Body;
 use crate::codec::SfmCodec;
 use crate::error::WireError;
 use crate::frame::{
     epoch_secs, Frame, FrameType, HandshakeInfo, APP_ID_CELLNET, MAX_FRAME_SIZE, STREAM_ID_BASE,
 };
-use crate::message::{encode_payload, frame_from_message, message_from_frame};
+use crate::message::{encode_payload_body, frame_from_message, message_from_frame};
 use crate::stream::{
     key as stream_key, DataType, StreamMessage, STREAM_CHANNEL, TOPIC_ACK, TOPIC_ERROR,
 };
@@ -235,6 +236,8 @@ type Writer = FramedWrite<OwnedWriteHalf, SfmCodec>;
 /// A frame for a connection's writer, and who wants to know it was written.
 pub(crate) struct Outbound {
     pub(crate) frame: Frame,
+    /// When set, the frame's payload, held as segments (the frame's own `payload` is empty).
+    pub(crate) body: Option<Body>,
     pub(crate) done: Option<oneshot::Sender<Result<(), CellReturnCode>>>,
 }
 
@@ -513,6 +516,7 @@ impl TcpTransport {
                 let (done, written) = oneshot::channel();
                 let out = Outbound {
                     frame,
+                    body: None,
                     done: Some(done),
                 };
                 if link.tx.send(out).await.is_ok() && matches!(written.await, Ok(Ok(()))) {
@@ -653,7 +657,7 @@ impl Inner {
             );
             return Err(CellReturnCode::TargetUnreachable);
         };
-        let (encoding, body) = encode_payload(&msg.payload).map_err(|e| {
+        let (encoding, body) = encode_payload_body(&msg.payload).map_err(|e| {
             log::warn!("endpoint {}: message to {dest} not sent: {e}", self.own);
             CellReturnCode::CommError
         })?;
@@ -670,8 +674,8 @@ impl Inner {
         self.stamp_hop(&mut msg.headers, &peer);
         msg.headers.set_payload_encoding(encoding);
         msg.headers.set_payload_len(body.len() as u64);
-        let frame = Frame::data(msg.headers, body);
-        match frame.encoded_len() {
+        let frame = Frame::data(msg.headers, Bytes::new());
+        match frame.encoded_len().map(|head| head + body.len()) {
             Ok(len) if len > self.config.max_frame_size => {
                 log::warn!(
                     "endpoint {}: message to {dest} is {len} bytes, above the frame limit {}",
@@ -686,7 +690,7 @@ impl Inner {
                 return Err(CellReturnCode::CommError);
             }
         }
-        self.queue_and_wait(&peer, &link, frame).await
+        self.queue_and_wait(&peer, &link, frame, Some(body)).await
     }
 
     /// [`TcpTransport::send_streamed`]: resolves the connection and streams `msg`.
@@ -700,7 +704,7 @@ impl Inner {
             self.pick_link(&dest)
         };
         let (peer, link) = route.ok_or_else(|| WireError::NoRoute(dest.to_string()))?;
-        let (encoding, body) = encode_payload(&msg.payload)?;
+        let (encoding, body) = encode_payload_body(&msg.payload)?;
         self.stream_out(&msg.headers, encoding, body, &dest, &peer, &link)
             .await
     }
@@ -712,7 +716,7 @@ impl Inner {
         &self,
         logical: &Headers,
         encoding: fedrun_cell::PayloadEncoding,
-        body: bytes::Bytes,
+        body: Body,
         dest: &Fqcn,
         peer: &Fqcn,
         link: &Link,
@@ -854,16 +858,19 @@ impl Inner {
         }
     }
 
-    /// Queues a frame to a connection (waiting for queue space) and waits until it is written.
+    /// Queues a frame (with its payload held as `body` when set) to a connection (waiting for
+    /// queue space) and waits until it is written.
     pub(crate) async fn queue_and_wait(
         &self,
         peer: &Fqcn,
         link: &Link,
         frame: Frame,
+        body: Option<Body>,
     ) -> Result<(), CellReturnCode> {
         let (done, written) = oneshot::channel();
         let out = Outbound {
             frame,
+            body,
             done: Some(done),
         };
         if link.tx.send(out).await.is_err() {
@@ -1108,7 +1115,14 @@ impl Inner {
         );
         frame.headers = Some(h);
         let queue = if answer { &link.control } else { &link.tx };
-        if let Err(mpsc::error::SendError(out)) = queue.send(Outbound { frame, done: None }).await {
+        if let Err(mpsc::error::SendError(out)) = queue
+            .send(Outbound {
+                frame,
+                body: None,
+                done: None,
+            })
+            .await
+        {
             let why = format!("the connection to {next} is closing");
             if let Some(h) = out.frame.headers {
                 self.refuse_forward(peer, h, &dest, &why, false, tx).await;
@@ -1217,7 +1231,15 @@ impl Inner {
         };
         match frame_from_message(msg) {
             Ok(frame) => {
-                if tx.send(Outbound { frame, done: None }).await.is_err() {
+                if tx
+                    .send(Outbound {
+                        frame,
+                        body: None,
+                        done: None,
+                    })
+                    .await
+                    .is_err()
+                {
                     log::debug!("endpoint {}: answer to {peer} not sent: closing", self.own);
                 }
             }
@@ -1307,6 +1329,7 @@ impl Inner {
                     // try_send: a full queue means frames are flowing, no PING needed.
                     let _ = tx.try_send(Outbound {
                         frame: Frame::ping(),
+                        body: None,
                         done: None,
                     });
                     continue;
@@ -1337,6 +1360,7 @@ impl Inner {
                 FrameType::Ping => {
                     let pong = Outbound {
                         frame: Frame::pong(),
+                        body: None,
                         done: None,
                     };
                     if tx.send(pong).await.is_err() {
@@ -1399,15 +1423,26 @@ fn route_contains(h: &Headers, name: &str) -> bool {
 /// writer's buffer first: one copy less for every byte of a big message or stream chunk.
 const DIRECT_WRITE_MIN: usize = 64 * 1024;
 
-/// Writes one frame: small ones through the codec, big ones without copying their payload.
-async fn write_frame(writer: &mut Writer, frame: Frame) -> Result<(), WireError> {
-    if frame.payload.len() < DIRECT_WRITE_MIN {
-        return writer.send(frame).await;
-    }
-    let head = frame.encode_head(writer.encoder().max_frame_size())?;
+/// Writes one frame (its payload is `body` when set): small ones through the codec, big ones
+/// without copying their payload.
+async fn write_frame(
+    writer: &mut Writer,
+    mut frame: Frame,
+    body: Option<Body>,
+) -> Result<(), WireError> {
+    let body = match body {
+        Some(body) if body.len() < DIRECT_WRITE_MIN => {
+            frame.payload = body.slice_bytes(0, body.len());
+            return writer.send(frame).await;
+        }
+        Some(body) => body,
+        None if frame.payload.len() < DIRECT_WRITE_MIN => return writer.send(frame).await,
+        None => Body::from(std::mem::take(&mut frame.payload)),
+    };
+    let head = frame.encode_head_for(writer.encoder().max_frame_size(), body.len())?;
     // `send` flushes, so nothing is buffered here; flushing keeps the order if that changes
     SinkExt::<Frame>::flush(writer).await?;
-    let mut buf = head.chain(frame.payload);
+    let mut buf = head.chain(body);
     writer.get_mut().write_all_buf(&mut buf).await?;
     Ok(())
 }
@@ -1432,25 +1467,29 @@ async fn write_loop(
             Some(out) = rx.recv() => out,
             else => break,
         };
-        let Outbound { mut frame, done } = out;
+        let Outbound {
+            mut frame,
+            body,
+            done,
+        } = out;
         sequence = sequence.wrapping_add(1);
         stream_id = stream_id.wrapping_add(1);
         frame.sequence = sequence;
         frame.stream_id = stream_id;
-        let result = match tokio::time::timeout(send_timeout, write_frame(&mut writer, frame)).await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(WireError::Io(e))) => Err(format!("write failed: {e}")),
-            Ok(Err(e)) => {
-                // An encoding error writes nothing: the connection is still usable.
-                log::warn!("endpoint {own}: frame to {peer} not sent: {e}");
-                if let Some(done) = done {
-                    let _ = done.send(Err(CellReturnCode::CommError));
+        let result =
+            match tokio::time::timeout(send_timeout, write_frame(&mut writer, frame, body)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(WireError::Io(e))) => Err(format!("write failed: {e}")),
+                Ok(Err(e)) => {
+                    // An encoding error writes nothing: the connection is still usable.
+                    log::warn!("endpoint {own}: frame to {peer} not sent: {e}");
+                    if let Some(done) = done {
+                        let _ = done.send(Err(CellReturnCode::CommError));
+                    }
+                    continue;
                 }
-                continue;
-            }
-            Err(_) => Err(format!("write took longer than {send_timeout:?}")),
-        };
+                Err(_) => Err(format!("write took longer than {send_timeout:?}")),
+            };
         match result {
             Ok(()) => {
                 if let Some(done) = done {
