@@ -88,8 +88,8 @@ for r in $(seq 1 "$ROUNDS"); do
   nv --scenario multicast --path core --clients 8 --count 200
   fr --scenario multicast --path core --clients 8 --count 1000
   # 4. large transfers; fedrun's aux path streams objects (StreamObjects + BytesProducer, 4 MiB
-  #    pieces by default, read lazily); the 1 MiB variant shows the cost of more pieces (one aux
-  #    round trip each)
+  #    pieces by default, each one frame, read lazily); the 1 MiB variant shows the cost of more
+  #    pieces (one aux round trip each)
   nv --scenario large --path aux --size-mib 1 --count 10
   fr --scenario large --path aux --size-mib 1 --count 20
   nv --scenario large --path aux --size-mib 16 --count 3

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use crate::error::BenchError;
 
-/// The default piece size of a large aux transfer, in KiB: 4 MiB. Of the sizes measured (1, 2,
-/// 4, 8 and 16 MiB pieces of a 128 MiB object) it was the fastest that keeps the peak RSS over
-/// idle of each side under 32 MiB (4 MiB: about 14 MiB on the sender; 8 MiB sent as one frame: about 33 MiB).
-/// Such a piece crosses the wire's stream threshold and leaves as a windowed stream of 1 MiB
-/// chunks; fewer pieces per MiB means fewer aux round trips (one piece is in flight per stream).
+/// The default piece size of a large aux transfer, in KiB: 4 MiB. Of 1, 2, 4 and 8 MiB pieces
+/// of a 128 MiB object it was the fastest, with each side's peak RSS over idle far under 32 MiB
+/// (about 5-9 MiB). The bench's wire settings ([`crate::node::wire_config`]) let such a piece
+/// leave as one frame; one piece is in flight per stream, so fewer pieces per MiB means fewer
+/// aux round trips.
 pub const DEFAULT_CHUNK_KIB: usize = 4096;
 
 /// A measured scenario (the names are `cellbench.py`'s).
