@@ -223,7 +223,9 @@ impl AuxRunner {
         }
     }
 
-    fn log_handling(&self, what: &str) {
+    /// `what` is formatted only when debug logging is on: pass `format_args!(..)`, not `format!`,
+    /// so the hot path allocates nothing for a line nobody reads.
+    fn log_handling(&self, what: impl std::fmt::Display) {
         log::debug!(
             "[job={} site={}] AuxRunner handles {what}",
             self.job_id,
@@ -384,7 +386,7 @@ impl Handler<RegisterAuxMessageHandler> for AuxRunner {
     type Result = Result<(), EngineError>;
 
     fn handle(&mut self, msg: RegisterAuxMessageHandler, _ctx: &mut Context<Self>) -> Self::Result {
-        self.log_handling(&format!("RegisterAuxMessageHandler({:?})", msg.topic));
+        self.log_handling(format_args!("RegisterAuxMessageHandler({:?})", msg.topic));
         if msg.topic.is_empty() {
             return Err(EngineError::EmptyTopic);
         }
@@ -437,7 +439,7 @@ impl Handler<DispatchAuxRequest> for AuxRunner {
     type Result = ResponseFuture<Shareable>;
 
     fn handle(&mut self, msg: DispatchAuxRequest, _ctx: &mut Context<Self>) -> Self::Result {
-        self.log_handling(&format!(
+        self.log_handling(format_args!(
             "DispatchAuxRequest(topic {:?} from {:?})",
             msg.topic, msg.origin
         ));
@@ -539,7 +541,7 @@ impl Handler<SendAuxRequest> for AuxRunner {
     type Result = ResponseFuture<Result<AuxReplies, EngineError>>;
 
     fn handle(&mut self, msg: SendAuxRequest, _ctx: &mut Context<Self>) -> Self::Result {
-        self.log_handling(&format!(
+        self.log_handling(format_args!(
             "SendAuxRequest(topic {:?} to {:?}, timeout {:?})",
             msg.topic, msg.targets, msg.timeout
         ));
@@ -622,7 +624,7 @@ impl Handler<MulticastAuxRequests> for AuxRunner {
     type Result = ResponseFuture<Result<AuxReplies, EngineError>>;
 
     fn handle(&mut self, msg: MulticastAuxRequests, _ctx: &mut Context<Self>) -> Self::Result {
-        self.log_handling(&format!(
+        self.log_handling(format_args!(
             "MulticastAuxRequests(topic {:?} to {} target(s), timeout {:?})",
             msg.topic,
             msg.requests.len(),
@@ -708,7 +710,10 @@ impl Handler<FireAndForgetAuxRequest> for AuxRunner {
     type Result = ResponseFuture<Result<(), EngineError>>;
 
     fn handle(&mut self, msg: FireAndForgetAuxRequest, _ctx: &mut Context<Self>) -> Self::Result {
-        self.log_handling(&format!("FireAndForgetAuxRequest(topic {:?})", msg.topic));
+        self.log_handling(format_args!(
+            "FireAndForgetAuxRequest(topic {:?})",
+            msg.topic
+        ));
         let planned = if msg.topic.is_empty() {
             Err(EngineError::EmptyTopic)
         } else {

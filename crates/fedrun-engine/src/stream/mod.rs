@@ -291,7 +291,9 @@ impl StreamProcessor {
         Ok(addr)
     }
 
-    fn log_handling(&self, what: &str) {
+    /// `what` is formatted only when debug logging is on: pass `format_args!(..)`, not `format!`,
+    /// so the hot path allocates nothing for a line nobody reads.
+    fn log_handling(&self, what: impl std::fmt::Display) {
         log::debug!(
             "[job={} site={}] StreamProcessor handles {what}",
             self.job_id,
@@ -764,7 +766,7 @@ impl Handler<AuxRequest> for StreamProcessor {
     type Result = ResponseFuture<Result<Shareable, String>>;
 
     fn handle(&mut self, req: AuxRequest, ctx: &mut Context<Self>) -> Self::Result {
-        self.log_handling(&format!("AuxRequest {}", req.topic));
+        self.log_handling(format_args!("AuxRequest {}", req.topic));
         if req.topic == keys::TOPIC_ABORT {
             let answer = self.on_end_notice(&req);
             return Box::pin(async move { Ok(answer) });
