@@ -143,6 +143,13 @@ pub struct WireConfig {
     /// message is answered with a `return` (`comm_error`, "cannot forward") if it is a request
     /// that expects a reply, and dropped otherwise, which is all a leaf needs.
     pub forwarding: bool,
+    /// Cell headers put on every DATA frame this endpoint writes (requests, replies, stream
+    /// chunks, ACKs, returns and goodbyes alike); empty by default. A client job in an NVFlare
+    /// deployment sets its credentials here (`client_name`, `ssid`, `__token__`,
+    /// `__token_signature__`): NVFlare's client job installs a filter that stamps them on every
+    /// message it sends, and its server root checks them on everything it passes on
+    /// (`secure_train`). A value already set on a frame is replaced.
+    pub outgoing_headers: Vec<(String, String)>,
 }
 
 impl Default for WireConfig {
@@ -160,6 +167,7 @@ impl Default for WireConfig {
             reconnect_max: Duration::from_secs(10),
             stream_send: StreamSendConfig::default(),
             forwarding: true,
+            outgoing_headers: Vec::new(),
         }
     }
 }
@@ -1282,6 +1290,7 @@ impl Inner {
             control_rx,
             cancel.clone(),
             self.config.send_timeout,
+            Arc::from(self.config.outgoing_headers.clone()),
         ));
         // everything the reader sends is an answer: it goes on the control queue
         let outcome = self.read_loop(&peer, reader, &control_tx, &cancel).await;
@@ -1455,6 +1464,7 @@ async fn write_loop(
     mut control: mpsc::Receiver<Outbound>,
     cancel: CancellationToken,
     send_timeout: Duration,
+    outgoing_headers: Arc<[(String, String)]>,
 ) {
     // The handshake frame was sequence 1.
     let mut sequence: u16 = 1;
@@ -1472,6 +1482,12 @@ async fn write_loop(
             body,
             done,
         } = out;
+        if frame.frame_type == FrameType::Data && !outgoing_headers.is_empty() {
+            let headers = frame.headers.get_or_insert_with(Headers::new);
+            for (key, value) in outgoing_headers.iter() {
+                headers.insert(key.as_str(), value.as_str());
+            }
+        }
         sequence = sequence.wrapping_add(1);
         stream_id = stream_id.wrapping_add(1);
         frame.sequence = sequence;

@@ -662,3 +662,98 @@ async fn message_for_the_endpoints_own_name_without_a_cell_never_leaves() {
     net.shutdown().await;
     p.shutdown().await;
 }
+
+/// The credentials of a client job, as its `WireConfig::outgoing_headers`.
+fn credentials() -> Vec<(String, String)> {
+    [
+        ("client_name", "site-1"),
+        ("ssid", "NA"),
+        ("__token__", "tok-1"),
+        ("__token_signature__", "sig-1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+fn assert_has_credentials(frame: &Frame, what: &str) {
+    let h = frame.headers.as_ref().expect("a DATA frame has headers");
+    for (k, v) in credentials() {
+        assert_eq!(
+            h.get(&k).and_then(|x| x.as_str()),
+            Some(v.as_str()),
+            "{what}: header {k}"
+        );
+    }
+}
+
+#[actix::test]
+async fn outgoing_headers_are_on_every_data_frame_requests_replies_and_bye() {
+    init_log();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = WireConfig {
+        outgoing_headers: credentials(),
+        ..fast_config()
+    };
+    let net = TcpTransport::new(job(), config);
+    net.add_connector(&format!("tcp://{addr}")).unwrap();
+    let (mut raw, _) = raw_accept(&listener).await;
+    assert!(net.wait_for_peer(&Fqcn::SERVER, DEADLINE).await);
+    let cell = Cell::start(job(), net.clone()).unwrap();
+    let (tx, _seen) = mpsc::channel(16);
+    cell.register_request_handler("test", "*", echo(tx))
+        .await
+        .unwrap();
+
+    // a request of the job cell
+    cell.fire_and_forget(FireAndForget::new(
+        "aux_communication",
+        "note",
+        vec![fqcn("server.job1")],
+        CellMessage::new(shareable(1)),
+    ))
+    .await
+    .unwrap();
+    let sent = next_frame(&mut raw).await;
+    assert_has_credentials(&sent, "fire-and-forget request");
+
+    // the reply to a request from the peer
+    let mut h = Headers::new();
+    h.set_msg_type(MsgType::Req);
+    h.set_channel("test");
+    h.set_topic("echo");
+    h.set_origin("server.job1");
+    h.set_destination("site-1.job1");
+    h.set_req_id("r-1");
+    h.set_reply_expected(true);
+    let req = frame_from_message(CellMessage {
+        headers: h,
+        payload: Payload::shareable(shareable(2)),
+    })
+    .unwrap();
+    raw.send(req).await.unwrap();
+    let reply = next_frame(&mut raw).await;
+    assert_eq!(
+        reply.headers.as_ref().unwrap().req_id(),
+        Some("r-1"),
+        "the reply to r-1"
+    );
+    assert_has_credentials(&reply, "reply");
+
+    // the goodbye at shutdown
+    cell.stop().await;
+    let shutdown = tokio::spawn({
+        let net = net.clone();
+        async move { net.shutdown().await }
+    });
+    let bye = next_frame(&mut raw).await;
+    assert_eq!(
+        bye.headers.as_ref().unwrap().topic(),
+        Some(BYE_TOPIC),
+        "the goodbye"
+    );
+    assert_has_credentials(&bye, "bye");
+    drop(raw);
+    timeout(DEADLINE, shutdown).await.unwrap().unwrap();
+}
