@@ -74,9 +74,9 @@ pub enum DownloadError {
         producer: String,
         /// The item.
         item: String,
-        /// The array error.
+        /// The array error (boxed: it is large).
         #[source]
-        source: fedrun_core::CoreError,
+        source: Box<fedrun_core::CoreError>,
     },
     /// The download ended without some referenced items.
     #[error("download from {producer} ended without item(s) {missing:?}")]
@@ -273,7 +273,7 @@ fn consume_items(
             let a = NdArray::from_npy(e.data).map_err(|source| DownloadError::Array {
                 producer: producer.to_owned(),
                 item: name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             arrays.insert(name, a);
         }

@@ -312,8 +312,8 @@ impl DownloadHandle {
     ///
     /// actix::System::new().block_on(async {
     ///     let cell = Cell::start(Fqcn::job_cell("site-1", "J").unwrap(), Network::new()).unwrap();
-    ///     let service = DownloadService::start(&cell, "site-1", "J", &DownloadConfig::default());
-    ///     let service = service.await.unwrap();
+    ///     let config = DownloadConfig::default();
+    ///     let service = DownloadService::start(&cell, "site-1", "J", &config).await.unwrap();
     ///     let mut result = Shareable::new();
     ///     result.insert("w", NdArray::from_f32(&[2], &[1.0, 2.0]).unwrap());
     ///     let refs = service.offer(&mut result).unwrap();
