@@ -11,7 +11,11 @@
 //!   are *replies* whose `cn__return_code` says what happened (never a Rust error);
 //! - the actor is never blocked by a wait or by a request handler: waits run as detached
 //!   futures, handlers as futures spawned in the actor's context;
-//! - a panicking handler becomes a `process_exception` reply and the cell keeps serving.
+//! - a panicking handler becomes a `process_exception` reply and the cell keeps serving;
+//! - a received message marked with [`header::DOWNLOAD_REFS`] is resolved by the cell's
+//!   [`PayloadResolver`] before its handler or its waiter sees it; if it cannot be (no
+//!   resolver, or the download failed) a reply becomes an error reply and a request is answered
+//!   with an error, never passed on half-decoded.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -21,7 +25,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::{
-    Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, Recipient, ResponseFuture,
+    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
+    ResponseFuture,
 };
 use fedrun_core::{CellReturnCode, Value};
 use futures::future::{BoxFuture, FutureExt};
@@ -34,6 +39,7 @@ use crate::message::{header, CellMessage, MsgType};
 #[cfg(doc)]
 use crate::network::Network;
 use crate::network::{Deliver, Transport};
+use crate::resolve::{PayloadResolver, ResolveError};
 
 /// Capacity of a cell's mailbox. Senders beyond it wait (back-pressure).
 pub const MAILBOX_CAPACITY: usize = 1024;
@@ -336,6 +342,13 @@ impl FireAndForget {
 #[rtype(result = "()")]
 pub struct Stop;
 
+/// Sets (or, with `None`, removes) the cell's [`PayloadResolver`]. Set it right after start,
+/// before the cell registers handlers or sends requests: a message carrying download
+/// references that arrives while no resolver is set is refused.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetPayloadResolver(pub Option<Arc<dyn PayloadResolver>>);
+
 /// Requests waiting for their reply: `req_id` → the waiter's channel.
 ///
 /// Shared (`Arc<Mutex<..>>`) rather than plain actor state, on purpose: the waiting future is
@@ -382,6 +395,8 @@ pub struct Cell {
     shut_down: bool,
     /// Callers of [`Stop`] waiting for the actor to be fully stopped.
     stop_waiters: Vec<oneshot::Sender<()>>,
+    /// Completes payloads that carry download references (see [`PayloadResolver`]).
+    resolver: Option<Arc<dyn PayloadResolver>>,
 }
 
 impl Cell {
@@ -426,6 +441,7 @@ impl Cell {
             waiters: Arc::new(Mutex::new(HashMap::new())),
             shut_down: false,
             stop_waiters: Vec::new(),
+            resolver: None,
         };
         ctx.run(cell);
         Ok(CellHandle { fqcn, addr })
@@ -443,6 +459,8 @@ impl Cell {
         }
         self.shut_down = true;
         self.transport.unregister(&self.fqcn);
+        // the resolver usually holds this cell's handle: drop it so nothing keeps the cell alive
+        self.resolver = None;
         let pending: Vec<(String, oneshot::Sender<CellMessage>)> = self
             .waiters
             .lock()
@@ -583,6 +601,78 @@ impl Cell {
         }
     }
 
+    /// Hands a received message to its waiter (reply, return) or its handler (request).
+    fn dispatch(&mut self, msg: CellMessage, ctx: &mut Context<Self>) {
+        match msg.headers.msg_type() {
+            Some(MsgType::Reply | MsgType::Return) => self.complete_waiters(msg),
+            Some(MsgType::Req) => self.serve_request(msg, ctx),
+            None => self.log_drop(&msg, "message without a valid cn__msg_type, dropped"),
+        }
+    }
+
+    /// A message whose payload carries download references: run the resolver on a future
+    /// spawned in the actor's context, then dispatch the completed message, or its failure.
+    fn resolve_then_dispatch(&mut self, msg: CellMessage, ctx: &mut Context<Self>) {
+        let Some(resolver) = self.resolver.clone() else {
+            let error = ResolveError::new(
+                CellReturnCode::ProcessException,
+                "payload carries download references but this cell has no payload resolver",
+            );
+            let headers = msg.headers;
+            self.resolve_failed(headers, &error, ctx);
+            return;
+        };
+        let headers = msg.headers.clone();
+        let resolving = resolver.resolve(msg);
+        let task = actix::fut::wrap_future::<_, Self>(resolving).map(
+            move |result, cell: &mut Cell, ctx: &mut Context<Cell>| match result {
+                Ok(mut resolved) => {
+                    resolved.headers.remove(header::DOWNLOAD_REFS);
+                    cell.dispatch(resolved, ctx);
+                }
+                Err(e) => cell.resolve_failed(headers, &e, ctx),
+            },
+        );
+        ctx.spawn(task);
+    }
+
+    /// A message that could not be resolved: a reply or return reaches its waiter as an error
+    /// reply; a request is answered with the error (when it expects an answer). Logged either
+    /// way.
+    fn resolve_failed(
+        &mut self,
+        mut headers: crate::message::Headers,
+        error: &ResolveError,
+        ctx: &mut Context<Self>,
+    ) {
+        headers.remove(header::DOWNLOAD_REFS);
+        let msg = CellMessage {
+            headers,
+            payload: crate::message::Payload::None,
+        };
+        log::warn!(
+            "cell {}: payload of a {} on {}/{} from {:?} not resolved: {error}",
+            self.fqcn,
+            msg.headers.msg_type().map_or("message", |t| t.as_str()),
+            msg.headers.channel().unwrap_or(""),
+            msg.headers.topic().unwrap_or(""),
+            msg.headers.origin().unwrap_or("")
+        );
+        match msg.headers.msg_type() {
+            Some(MsgType::Reply | MsgType::Return) => {
+                let mut reply = msg;
+                reply.headers.set_return_code(error.code);
+                reply.headers.set_error(error.text.as_str());
+                self.complete_waiters(reply);
+            }
+            Some(MsgType::Req) => {
+                let failure = HandlerFailure(error.clone());
+                self.serve_request_with(msg, Some(failure), ctx);
+            }
+            None => self.log_drop(&msg, "message without a valid cn__msg_type, dropped"),
+        }
+    }
+
     /// A reply or a return: hand it to the waiter(s) of its request id(s).
     fn complete_waiters(&self, msg: CellMessage) {
         let ids: Vec<String> = msg
@@ -651,6 +741,17 @@ impl Cell {
     /// A request addressed to this cell: run its handler on a future spawned in the actor's
     /// context (so that it is dropped if the cell stops) and route the reply.
     fn serve_request(&mut self, request: CellMessage, ctx: &mut Context<Self>) {
+        self.serve_request_with(request, None, ctx);
+    }
+
+    /// [`Cell::serve_request`]; with `failure`, the handler is not run and the request is
+    /// answered with that failure.
+    fn serve_request_with(
+        &mut self,
+        request: CellMessage,
+        failure: Option<HandlerFailure>,
+        ctx: &mut Context<Self>,
+    ) {
         let info = RequestInfo::of(&request);
         if info.destination.as_deref() != Some(self.fqcn.as_str()) {
             // A leaf cell does not forward (wire spec §6.6).
@@ -667,9 +768,15 @@ impl Cell {
         let me = self.fqcn.clone();
         let transport = Arc::clone(&self.transport);
         let task = async move {
-            let result = match handler {
-                Some(handler) => run_handler(handler, request).await,
-                None => Err(HandlerError::Other("no callback".to_owned())),
+            let result = match (failure, handler) {
+                (Some(HandlerFailure(e)), _) => {
+                    let mut reply = CellMessage::empty();
+                    reply.headers.set_return_code(e.code);
+                    reply.headers.set_error(e.text);
+                    Ok(Some(reply))
+                }
+                (None, Some(handler)) => run_handler(handler, request).await,
+                (None, None) => Err(HandlerError::Other("no callback".to_owned())),
             };
             if let Err(e) = &result {
                 let level = if info.optional {
@@ -762,6 +869,9 @@ fn panic_error(panic: &(dyn Any + Send)) -> HandlerError {
         .unwrap_or_else(|| "unknown panic payload".to_owned());
     HandlerError::Other(format!("handler panicked: {text}"))
 }
+
+/// A request that is answered with an error instead of being handed to its handler.
+struct HandlerFailure(ResolveError);
 
 /// Where an outgoing message goes.
 struct Outgoing<'a> {
@@ -1060,10 +1170,25 @@ impl Handler<Deliver> for Cell {
             self.log_drop(&msg, "cell is stopping, message dropped");
             return;
         }
-        match msg.headers.msg_type() {
-            Some(MsgType::Reply | MsgType::Return) => self.complete_waiters(msg),
-            Some(MsgType::Req) => self.serve_request(msg, ctx),
-            None => self.log_drop(&msg, "message without a valid cn__msg_type, dropped"),
+        if msg.headers.contains_key(header::DOWNLOAD_REFS) {
+            self.resolve_then_dispatch(msg, ctx);
+            return;
+        }
+        self.dispatch(msg, ctx);
+    }
+}
+
+impl Handler<SetPayloadResolver> for Cell {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetPayloadResolver, _ctx: &mut Self::Context) {
+        log::debug!(
+            "cell {}: payload resolver {}",
+            self.fqcn,
+            if msg.0.is_some() { "set" } else { "removed" }
+        );
+        if !self.shut_down {
+            self.resolver = msg.0;
         }
     }
 }
@@ -1183,6 +1308,21 @@ impl CellHandle {
         }
         self.addr
             .send(request)
+            .await
+            .map_err(|_| self.stopped(None))
+    }
+
+    /// Sets (or removes) the cell's [`PayloadResolver`]; see [`SetPayloadResolver`].
+    ///
+    /// # Errors
+    ///
+    /// Only [`CellError::Stopped`].
+    pub async fn set_payload_resolver(
+        &self,
+        resolver: Option<Arc<dyn PayloadResolver>>,
+    ) -> Result<(), CellError> {
+        self.addr
+            .send(SetPayloadResolver(resolver))
             .await
             .map_err(|_| self.stopped(None))
     }

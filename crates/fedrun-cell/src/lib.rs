@@ -24,6 +24,8 @@
 //! - [`cell`]: the [`Cell`] actor, its messages ([`SendRequest`], [`SendMultiRequest`],
 //!   [`FireAndForget`], [`RegisterRequestHandler`], [`Stop`]), request handlers and the typed
 //!   [`CellHandle`].
+//! - [`resolve`]: the [`PayloadResolver`] hook that completes payloads carrying download
+//!   references before they are dispatched.
 //!
 //! # Example
 //!
@@ -75,14 +77,16 @@ pub mod error;
 pub mod fqcn;
 pub mod message;
 pub mod network;
+pub mod resolve;
 
 pub use abort::AbortSignal;
 pub use cell::{
     request_handler, Cell, CellHandle, FireAndForget, HandlerFn, HandlerResult, IncomingRequest,
-    RegisterRequestHandler, RequestHandler, SendMultiRequest, SendRequest, Stop, MAILBOX_CAPACITY,
-    WILDCARD,
+    RegisterRequestHandler, RequestHandler, SendMultiRequest, SendRequest, SetPayloadResolver,
+    Stop, MAILBOX_CAPACITY, WILDCARD,
 };
 pub use error::{CellError, HandlerError};
 pub use fqcn::Fqcn;
 pub use message::{header, CellCode, CellMessage, Headers, MsgType, Payload, PayloadEncoding};
 pub use network::{Deliver, Network, Transport};
+pub use resolve::{PayloadResolver, ResolveError};

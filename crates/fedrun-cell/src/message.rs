@@ -76,6 +76,14 @@ pub mod header {
     pub const CLEAR_PAYLOAD_LEN: &str = "cn__clear_payload_len";
     /// P2P encryption bookkeeping: payload is encrypted.
     pub const ENCRYPTED: &str = "cn__encrypted";
+
+    /// Local only, never on the wire: the download references (a list of
+    /// `{"fqcn", "ref_id", "dot"}` maps) of a payload whose arrays must be pulled from their
+    /// producer. Set by the wire transport on a received message whose payload came with
+    /// download-reference datums (then resolved by the cell's
+    /// [`PayloadResolver`](crate::PayloadResolver)); set by a sender on an outgoing message to
+    /// have the transport append those datums to the payload.
+    pub const DOWNLOAD_REFS: &str = "fedrun.download_refs";
 }
 
 /// The kind of a cell message (`cn__msg_type`).

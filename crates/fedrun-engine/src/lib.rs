@@ -56,6 +56,7 @@
 #[path = "aux_runner/mod.rs"]
 pub mod aux;
 pub mod component;
+pub mod download;
 pub mod error;
 pub mod event;
 pub mod executor;

@@ -396,9 +396,32 @@ fn encode_parts(
 /// assert_eq!(segments.concat(), encode(&v).unwrap());
 /// ```
 pub fn encode_segments(value: &Value, options: &EncodeOptions) -> Result<Vec<Bytes>, FobsError> {
+    encode_segments_with_extra(value, &[], options)
+}
+
+/// [`encode_segments`] with `extra` datum sections appended after the datums the value needs
+/// (e.g. the download-reference datums of a payload whose arrays are served by a producer).
+///
+/// # Example
+/// ```
+/// use fedrun_core::Value;
+/// use fedrun_fobs::download_ref::{DownloadRef, DOT_NUMPY_DOWNLOAD};
+/// use fedrun_fobs::{decode, encode_segments_with_extra, EncodeOptions};
+///
+/// let r = DownloadRef { fqcn: "site-1.J".into(), ref_id: "r1".into(), dot: DOT_NUMPY_DOWNLOAD };
+/// let segs = encode_segments_with_extra(&Value::from(1), &[r.to_datum()], &EncodeOptions::default()).unwrap();
+/// let back = decode(segs.concat().into()).unwrap();
+/// assert_eq!(back.extra_datums.len(), 1);
+/// assert_eq!(back.extra_datums[0].dot, DOT_NUMPY_DOWNLOAD);
+/// ```
+pub fn encode_segments_with_extra(
+    value: &Value,
+    extra: &[Datum],
+    options: &EncodeOptions,
+) -> Result<Vec<Bytes>, FobsError> {
     let planned = plan_parts(value, options, options.datum_ids.as_deref().unwrap_or(&[]))?;
     let mut out = msgpack::Segments::default();
-    write_parts(&mut out, value, &[], &planned)?;
+    write_parts(&mut out, value, extra, &planned)?;
     Ok(out.into_segments())
 }
 

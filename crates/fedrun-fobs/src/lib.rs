@@ -15,6 +15,8 @@
 //!    section followed by datum sections that hold big `bytes`/`str` values (10 MiB or more by
 //!    default), which the decoder puts back in place and the encoder moves out again in the
 //!    order NVFlare does.
+//! 4. **Download references** ([`download_ref`], [`npz`]): the datums that point at arrays a
+//!    receiver must pull from their producer, and the `.npz` items those arrays travel in.
 //!
 //! Errors are one type, [`FobsError`]; bad input never panics.
 //!
@@ -33,13 +35,16 @@
 //! ```
 
 mod codec;
+pub mod download_ref;
 mod error;
 pub mod lobs;
 pub mod msgpack;
+pub mod npz;
 pub mod tags;
 
 pub use codec::{
-    decode, decode_value, decode_with, encode, encode_payload, encode_segments, encode_value,
-    encode_with, DecodeOptions, EncodeOptions, Payload, DEFAULT_MAX_VALUE_SIZE,
+    decode, decode_value, decode_with, encode, encode_payload, encode_segments,
+    encode_segments_with_extra, encode_value, encode_with, DecodeOptions, EncodeOptions, Payload,
+    DEFAULT_MAX_VALUE_SIZE,
 };
 pub use error::FobsError;

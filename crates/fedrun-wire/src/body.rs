@@ -59,7 +59,6 @@ impl Body {
     }
 
     /// The whole body as one buffer (a copy only when it has several segments).
-    #[cfg(test)]
     pub(crate) fn to_bytes(&self) -> Bytes {
         self.slice_bytes(0, self.len)
     }

@@ -110,6 +110,14 @@ pub enum WireError {
     /// A payload value that cannot be FOBS-encoded.
     #[error("cannot encode the payload: {0}")]
     PayloadEncode(#[source] FobsError),
+    /// A download-reference datum (received) or the local download-refs header (to send) is
+    /// malformed.
+    #[error("bad download reference: {0}")]
+    BadDownloadRef(#[source] fedrun_fobs::download_ref::RefError),
+    /// An outgoing message asks for download-reference datums but its payload is not a FOBS
+    /// object that could carry them.
+    #[error("download references need a FOBS object payload")]
+    RefsWithoutObject,
     /// A streaming (`sm__*`) header that is missing or has the wrong type.
     #[error("stream header {key}: {problem}")]
     StreamHeader {

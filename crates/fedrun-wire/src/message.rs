@@ -5,12 +5,20 @@
 //! `cn__payload_encoding` (`none`: empty, `bytes`: raw, `fobs`: a LOBS container). Inside one
 //! process fedrun never encodes payloads; this module is where the TCP transport does, in one
 //! place, following NVFlare's rules in both directions.
+//!
+//! NVFlare's numpy download references travel as TEXT datums (dot 3) appended to the LOBS
+//! payload. fedrun keeps them out of the payload value, in the local-only header
+//! [`header::DOWNLOAD_REFS`]: set on a decoded message (so that the receiving cell resolves the
+//! refs before dispatching), turned back into datums (and removed) on an encoded one. A relayed
+//! message is never decoded, so its datums pass through untouched.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fedrun_cell::{header, CellMessage, Payload, PayloadEncoding};
+use fedrun_cell::{header, CellMessage, Headers, Payload, PayloadEncoding};
 use fedrun_core::Value;
+use fedrun_fobs::download_ref::{self, DownloadRef, DOT_NUMPY_DOWNLOAD, DOT_TENSOR_DOWNLOAD};
+use fedrun_fobs::lobs::Datum;
 
 use crate::body::Body;
 use crate::error::WireError;
@@ -36,6 +44,18 @@ use crate::frame::{Frame, FrameType};
 /// assert_eq!(encode_payload(&Payload::None).unwrap(), (PayloadEncoding::None, Bytes::new()));
 /// ```
 pub fn encode_payload(payload: &Payload) -> Result<(PayloadEncoding, Bytes), WireError> {
+    encode_payload_with(payload, &[])
+}
+
+/// [`encode_payload`] with download-reference datums appended to a FOBS payload.
+pub(crate) fn encode_payload_with(
+    payload: &Payload,
+    extra: &[Datum],
+) -> Result<(PayloadEncoding, Bytes), WireError> {
+    if !extra.is_empty() {
+        let (encoding, body) = encode_payload_body_with(payload, extra)?;
+        return Ok((encoding, body.to_bytes()));
+    }
     Ok(match payload {
         Payload::None => (PayloadEncoding::None, Bytes::new()),
         Payload::Bytes(b) => (PayloadEncoding::Bytes, b.clone()),
@@ -53,15 +73,26 @@ pub fn encode_payload(payload: &Payload) -> Result<(PayloadEncoding, Bytes), Wir
 /// [`encode_payload`] as a [`Body`]: the same bytes, but a big `bytes` value inside a FOBS
 /// payload is referenced as a segment of its own instead of being copied
 /// ([`fedrun_fobs::encode_segments`]).
-pub(crate) fn encode_payload_body(payload: &Payload) -> Result<(PayloadEncoding, Body), WireError> {
+///
+/// `extra` are download-reference datums (see [`ref_datums`]) appended to a FOBS payload; a
+/// payload that is not a FOBS value cannot carry them ([`WireError::RefsWithoutObject`]).
+pub(crate) fn encode_payload_body_with(
+    payload: &Payload,
+    extra: &[Datum],
+) -> Result<(PayloadEncoding, Body), WireError> {
     Ok(match payload {
         Payload::Value(v) if !matches!(v.as_ref(), Value::Nil | Value::Bin(_)) => (
             PayloadEncoding::Fobs,
             Body::from_segments(
-                fedrun_fobs::encode_segments(v, &fedrun_fobs::EncodeOptions::default())
-                    .map_err(WireError::PayloadEncode)?,
+                fedrun_fobs::encode_segments_with_extra(
+                    v,
+                    extra,
+                    &fedrun_fobs::EncodeOptions::default(),
+                )
+                .map_err(WireError::PayloadEncode)?,
             ),
         ),
+        _ if !extra.is_empty() => return Err(WireError::RefsWithoutObject),
         other => {
             let (encoding, bytes) = encode_payload(other)?;
             (encoding, Body::from(bytes))
@@ -73,8 +104,9 @@ pub(crate) fn encode_payload_body(payload: &Payload) -> Result<(PayloadEncoding,
 /// `fobs` → the decoded value, `none` → no payload, `bytes` → the bytes; a missing or unknown
 /// encoding hands the bytes over raw. Bytes are never copied.
 ///
-/// Datum sections that FOBS cannot resolve in place (download references to arrays that must
-/// be pulled from their producer, wire spec §8.7) are not followed; a warning says how many
+/// Download references (arrays to be pulled from their producer) cannot be passed on by this
+/// function, which returns only the payload; [`message_from_frame`] puts them in the local
+/// [`header::DOWNLOAD_REFS`] for the receiving cell to resolve. Here a warning says how many
 /// were left.
 ///
 /// # Errors
@@ -94,30 +126,95 @@ pub(crate) fn encode_payload_body(payload: &Payload) -> Result<(PayloadEncoding,
 /// assert!(decode_payload(Some("fobs"), Bytes::from_static(b"junk")).is_err());
 /// ```
 pub fn decode_payload(encoding: Option<&str>, body: Bytes) -> Result<Payload, WireError> {
+    let (payload, refs) = decode_payload_with_refs(encoding, body)?;
+    if !refs.is_empty() {
+        log::warn!(
+            "fobs payload carries {} download reference(s) that decode_payload cannot pass on; \
+             the arrays stay unresolved placeholders (use message_from_frame)",
+            refs.len()
+        );
+    }
+    Ok(payload)
+}
+
+/// [`decode_payload`], also returning the payload's download references (datums with dot 3 or
+/// 6): the caller puts them in the message's [`header::DOWNLOAD_REFS`] so that the receiving
+/// cell resolves them. Other datum sections that FOBS cannot resolve in place are logged and
+/// left. A malformed download-reference datum is a decode error: the payload would otherwise
+/// reach its handler with placeholders nobody can resolve.
+///
+/// # Errors
+///
+/// [`WireError::PayloadDecode`] when a `fobs` payload does not decode;
+/// [`WireError::BadDownloadRef`] for a malformed download-reference datum.
+pub fn decode_payload_with_refs(
+    encoding: Option<&str>,
+    body: Bytes,
+) -> Result<(Payload, Vec<DownloadRef>), WireError> {
     match encoding.and_then(PayloadEncoding::from_wire) {
         Some(PayloadEncoding::Fobs) => {
             let decoded = fedrun_fobs::decode(body).map_err(|source| WireError::PayloadDecode {
                 encoding: "fobs",
                 source,
             })?;
-            if !decoded.extra_datums.is_empty() {
+            let mut refs = Vec::new();
+            let mut others = 0usize;
+            for d in &decoded.extra_datums {
+                if d.dot == DOT_NUMPY_DOWNLOAD || d.dot == DOT_TENSOR_DOWNLOAD {
+                    refs.push(DownloadRef::from_datum(d).map_err(WireError::BadDownloadRef)?);
+                } else {
+                    others += 1;
+                }
+            }
+            if others > 0 {
                 log::warn!(
-                    "fobs payload carries {} datum section(s) that are not resolved in place \
-                     (download references are not followed)",
-                    decoded.extra_datums.len()
+                    "fobs payload carries {others} datum section(s) that are not resolved in place"
                 );
             }
-            Ok(Payload::Value(Arc::new(decoded.value)))
+            Ok((Payload::Value(Arc::new(decoded.value)), refs))
         }
-        Some(PayloadEncoding::None) => Ok(Payload::None),
-        Some(PayloadEncoding::Bytes) => Ok(Payload::Bytes(body)),
+        other => Ok((decode_plain(other, encoding, body), Vec::new())),
+    }
+}
+
+/// The non-FOBS encodings.
+fn decode_plain(known: Option<PayloadEncoding>, encoding: Option<&str>, body: Bytes) -> Payload {
+    match known {
+        // (`fobs` is decoded by the caller and never comes here)
+        Some(PayloadEncoding::Bytes | PayloadEncoding::Fobs) => Payload::Bytes(body),
+        Some(PayloadEncoding::None) => Payload::None,
         None => {
             if let Some(other) = encoding {
                 log::debug!("unknown payload encoding {other:?}: payload handed over as bytes");
             }
-            Ok(Payload::Bytes(body))
+            Payload::Bytes(body)
         }
     }
+}
+
+/// The download-reference datums an outgoing message's local [`header::DOWNLOAD_REFS`] asks
+/// for (empty without the header). The header itself must not be written to the wire: callers
+/// remove it ([`Headers::remove`]) or skip it when copying headers.
+///
+/// # Errors
+///
+/// [`WireError::BadDownloadRef`] when the header is not a list of `{fqcn, ref_id, dot}`.
+pub(crate) fn ref_datums(headers: &Headers) -> Result<Vec<Datum>, WireError> {
+    match headers.get(header::DOWNLOAD_REFS) {
+        None => Ok(Vec::new()),
+        Some(v) => Ok(download_ref::refs_from_value(v)
+            .map_err(WireError::BadDownloadRef)?
+            .iter()
+            .map(DownloadRef::to_datum)
+            .collect()),
+    }
+}
+
+/// Removes the local header from `headers` and returns the datums it asks for.
+pub(crate) fn take_ref_datums(headers: &mut Headers) -> Result<Vec<Datum>, WireError> {
+    let datums = ref_datums(headers)?;
+    headers.remove(header::DOWNLOAD_REFS);
+    Ok(datums)
 }
 
 /// The DATA frame carrying `msg`: its headers plus `cn__payload_encoding` and
@@ -150,7 +247,8 @@ pub fn frame_from_message(msg: CellMessage) -> Result<Frame, WireError> {
         mut headers,
         payload,
     } = msg;
-    let (encoding, body) = encode_payload(&payload)?;
+    let refs = take_ref_datums(&mut headers)?;
+    let (encoding, body) = encode_payload_with(&payload, &refs)?;
     headers.set_payload_encoding(encoding);
     headers.set_payload_len(body.len() as u64);
     Ok(Frame::data(headers, body))
@@ -171,8 +269,14 @@ pub fn message_from_frame(frame: Frame) -> Result<CellMessage, WireError> {
         });
     }
     let mut headers = frame.headers.unwrap_or_default();
+    // a peer cannot set the local header: only what the payload itself carries counts
+    headers.remove(header::DOWNLOAD_REFS);
     let encoding = headers.remove(header::PAYLOAD_ENCODING);
-    let payload = decode_payload(encoding.as_ref().and_then(Value::as_str), frame.payload)?;
+    let (payload, refs) =
+        decode_payload_with_refs(encoding.as_ref().and_then(Value::as_str), frame.payload)?;
+    if !refs.is_empty() {
+        headers.insert(header::DOWNLOAD_REFS, download_ref::refs_to_value(&refs));
+    }
     Ok(CellMessage { headers, payload })
 }
 
@@ -219,6 +323,78 @@ mod tests {
             decode_payload(Some("zip"), body.clone()).unwrap(),
             Payload::Bytes(body)
         );
+    }
+
+    fn numpy_ref() -> DownloadRef {
+        DownloadRef {
+            fqcn: "site-1.J".into(),
+            ref_id: "r-1".into(),
+            dot: DOT_NUMPY_DOWNLOAD,
+        }
+    }
+
+    #[test]
+    fn download_refs_travel_as_datums_and_come_back_as_the_local_header() {
+        let mut s = Shareable::new();
+        s.insert("w", download_ref::array_ref(0));
+        let msg = CellMessage::new(s).with_header(
+            header::DOWNLOAD_REFS,
+            download_ref::refs_to_value(&[numpy_ref()]),
+        );
+        let frame = frame_from_message(msg).unwrap();
+        let h = frame.headers.as_ref().unwrap();
+        assert!(
+            !h.contains_key(header::DOWNLOAD_REFS),
+            "local header on the wire"
+        );
+        let p = fedrun_fobs::decode(frame.payload.clone()).unwrap();
+        assert_eq!(p.extra_datums.len(), 1);
+        assert_eq!(p.extra_datums[0].dot, DOT_NUMPY_DOWNLOAD);
+        let back = message_from_frame(Frame::decode(frame.encode().unwrap()).unwrap()).unwrap();
+        let refs = back.headers.get(header::DOWNLOAD_REFS).unwrap();
+        assert_eq!(
+            download_ref::refs_from_value(refs).unwrap(),
+            vec![numpy_ref()]
+        );
+    }
+
+    #[test]
+    fn a_peer_cannot_set_the_local_download_refs_header() {
+        let mut h = Headers::new();
+        h.insert(
+            header::DOWNLOAD_REFS,
+            download_ref::refs_to_value(&[numpy_ref()]),
+        );
+        let frame = Frame::data(h, Bytes::new());
+        let back = message_from_frame(frame).unwrap();
+        assert!(!back.headers.contains_key(header::DOWNLOAD_REFS));
+    }
+
+    #[test]
+    fn refs_without_an_object_payload_are_an_encode_error() {
+        let msg = CellMessage::new(Payload::Bytes(Bytes::from_static(b"raw"))).with_header(
+            header::DOWNLOAD_REFS,
+            download_ref::refs_to_value(&[numpy_ref()]),
+        );
+        assert!(matches!(
+            frame_from_message(msg),
+            Err(WireError::RefsWithoutObject)
+        ));
+    }
+
+    #[test]
+    fn tensor_refs_are_kept_with_their_dot_for_the_resolver_to_refuse() {
+        let mut r = numpy_ref();
+        r.dot = DOT_TENSOR_DOWNLOAD;
+        let body = fedrun_fobs::encode_segments_with_extra(
+            &Value::from(1),
+            &[r.to_datum()],
+            &fedrun_fobs::EncodeOptions::default(),
+        )
+        .unwrap()
+        .concat();
+        let (_, refs) = decode_payload_with_refs(Some("fobs"), Bytes::from(body)).unwrap();
+        assert_eq!(refs, vec![r]);
     }
 
     #[test]

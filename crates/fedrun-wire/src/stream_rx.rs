@@ -29,7 +29,7 @@ use fedrun_cell::{header, CellMessage, Fqcn, Headers, MsgType, Payload, PayloadE
 use fedrun_core::{CellReturnCode, Value};
 
 use crate::frame::epoch_secs;
-use crate::message::{decode_payload, encode_payload};
+use crate::message::{decode_payload_with_refs, encode_payload_with, ref_datums};
 use crate::stream::{
     key, Chunk, DataType, StreamMessage, RETURN_ONLY_CHANNEL, STREAM_CHANNEL, TOPIC_ACK,
     TOPIC_DATA, TOPIC_ERROR,
@@ -456,12 +456,22 @@ impl StreamReceiver {
         let request_id = str_of(key::REQUEST_ID);
         let origin = first.origin().unwrap_or("").to_owned();
         let blob_len = blob.len() as u64;
-        let payload = decode_payload(str_of(key::PAYLOAD_ENCODING).as_deref(), blob)
-            .map_err(|e| refuse(e.to_string(), "StreamError"))?;
+        let (payload, refs) =
+            decode_payload_with_refs(str_of(key::PAYLOAD_ENCODING).as_deref(), blob)
+                .map_err(|e| refuse(e.to_string(), "StreamError"))?;
         let mut headers: Headers = first
             .into_iter()
-            .filter(|(k, _)| !k.starts_with(header::STREAM_PREFIX))
+            .filter(|(k, _)| {
+                !k.starts_with(header::STREAM_PREFIX) && k.as_str() != header::DOWNLOAD_REFS
+            })
             .collect();
+        if !refs.is_empty() {
+            // resolved by the receiving cell before anyone sees the message
+            headers.insert(
+                header::DOWNLOAD_REFS,
+                fedrun_fobs::download_ref::refs_to_value(&refs),
+            );
+        }
         if channel == RETURN_ONLY_CHANNEL {
             let Some(request_id) = request_id else {
                 log::warn!("streamed reply {topic} from {origin} without sm__ri dropped");
@@ -538,7 +548,9 @@ impl StreamReceiver {
             log::warn!("endpoint {own}: streamed reply to an invalid origin: {e}");
             CellReturnCode::InvalidTarget
         })?;
-        let (encoding, blob) = encode_payload(&reply.payload).map_err(|e| {
+        let encoded =
+            ref_datums(&reply.headers).and_then(|refs| encode_payload_with(&reply.payload, &refs));
+        let (encoding, blob) = encoded.map_err(|e| {
             log::warn!("endpoint {own}: streamed reply to {requester} not sent: {e}");
             CellReturnCode::CommError
         })?;
@@ -561,6 +573,7 @@ impl StreamReceiver {
             let mut h: Headers = reply
                 .headers
                 .app_headers()
+                .filter(|(k, _)| *k != header::DOWNLOAD_REFS) // local only: now datums
                 .map(|(k, v)| (k.to_owned(), v.clone()))
                 .collect();
             h.insert(header::RETURN_CODE, code.as_str());

@@ -69,7 +69,9 @@ use crate::error::WireError;
 use crate::frame::{
     epoch_secs, Frame, FrameType, HandshakeInfo, APP_ID_CELLNET, MAX_FRAME_SIZE, STREAM_ID_BASE,
 };
-use crate::message::{encode_payload_body, frame_from_message, message_from_frame};
+use crate::message::{
+    encode_payload_body_with, frame_from_message, message_from_frame, take_ref_datums,
+};
 use crate::stream::{
     key as stream_key, DataType, StreamMessage, STREAM_CHANNEL, TOPIC_ACK, TOPIC_ERROR,
 };
@@ -665,8 +667,16 @@ impl Inner {
             );
             return Err(CellReturnCode::TargetUnreachable);
         };
-        let (encoding, body) = encode_payload_body(&msg.payload).map_err(|e| {
-            log::warn!("endpoint {}: message to {dest} not sent: {e}", self.own);
+        // the local download-refs header becomes datums of the payload, never a wire header
+        let encoded = take_ref_datums(&mut msg.headers)
+            .and_then(|refs| encode_payload_body_with(&msg.payload, &refs));
+        let (encoding, body) = encoded.map_err(|e| {
+            log::warn!(
+                "endpoint {}: message to {dest} on {}/{} not sent: {e}",
+                self.own,
+                msg.headers.channel().unwrap_or(""),
+                msg.headers.topic().unwrap_or("")
+            );
             CellReturnCode::CommError
         })?;
         if self
@@ -702,7 +712,7 @@ impl Inner {
     }
 
     /// [`TcpTransport::send_streamed`]: resolves the connection and streams `msg`.
-    async fn send_streamed(&self, msg: CellMessage) -> Result<(), WireError> {
+    async fn send_streamed(&self, mut msg: CellMessage) -> Result<(), WireError> {
         let raw_dest = msg.headers.destination().unwrap_or("");
         let dest =
             Fqcn::new(raw_dest).map_err(|_| WireError::InvalidDestination(raw_dest.to_owned()))?;
@@ -712,7 +722,8 @@ impl Inner {
             self.pick_link(&dest)
         };
         let (peer, link) = route.ok_or_else(|| WireError::NoRoute(dest.to_string()))?;
-        let (encoding, body) = encode_payload_body(&msg.payload)?;
+        let refs = take_ref_datums(&mut msg.headers)?;
+        let (encoding, body) = encode_payload_body_with(&msg.payload, &refs)?;
         self.stream_out(&msg.headers, encoding, body, &dest, &peer, &link)
             .await
     }
