@@ -23,7 +23,10 @@
 //! On top of the engine, the job's own work: [`executor`] (the [`Executor`] trait and the
 //! [`TaskRouter`] from task names to executors), [`job_config`] (the client app's
 //! `config_fed_client.json`, built into components and a router) and [`runner`] (the
-//! [`ClientRunner`] task loop: fetch, execute, check, send, until the run ends).
+//! [`ClientRunner`] task loop: fetch, execute, check, send, until the run ends). NVFlare's two
+//! built-in client widgets live in [`widgets`]: the [`InfoCollector`] (`show_stats`,
+//! `show_errors`, `reset_errors`) and the [`FedEventRunner`] (fed events to and from the server
+//! job), both registered by [`ClientEngine::builder`] and reachable through `get_widget`.
 //!
 //! # Example: an engine inside your own actix System
 //! ```
@@ -67,6 +70,7 @@ pub mod run_info;
 pub mod runner;
 pub mod stream;
 pub mod task_fetcher;
+pub mod widgets;
 
 pub use aux::{
     aux_handler, aux_timeout_secs, AuxConfig, AuxHandler, AuxHandlerFn, AuxReplies, AuxRequest,
@@ -100,6 +104,9 @@ pub use stream::{
     RegisterStreamProcessing, StreamConfig, StreamObjects, StreamOutcome, StreamProcessor,
 };
 pub use task_fetcher::{
-    FetcherState, GetFetcherState, GetTaskAssignment, SendTaskResult, TaskFetcher,
-    TaskFetcherConfig,
+    parent_site_name, FetcherState, GetFetcherState, GetTaskAssignment, SendTaskResult,
+    TaskFetcher, TaskFetcherConfig, TaskPull,
+};
+pub use widgets::{
+    add_stats, answer_info_command, set_stats, FedEventRunner, InfoCollector, FED_EVENT_QUEUE,
 };
