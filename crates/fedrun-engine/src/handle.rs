@@ -37,8 +37,8 @@ use crate::stream::{
     StreamOutcome, StreamProcessor,
 };
 use crate::task_fetcher::{
-    parent_site_name, GetTaskAssignment, SendTaskResult, TaskFetcher, TaskFetcherConfig,
-    TaskPull, DEFAULT_COMMUNICATION_TIMEOUT,
+    parent_site_name, GetTaskAssignment, SendTaskResult, TaskFetcher, TaskFetcherConfig, TaskPull,
+    DEFAULT_COMMUNICATION_TIMEOUT,
 };
 use crate::widgets::{FedEventRunner, InfoCollector};
 
@@ -208,11 +208,9 @@ impl ClientEngineBuilder {
                 id: id.to_owned(),
                 widget,
             });
-            added
-                .await
-                .map_err(|_| EngineError::ActorGone {
-                    actor: "ComponentRegistry",
-                })??;
+            added.await.map_err(|_| EngineError::ActorGone {
+                actor: "ComponentRegistry",
+            })??;
         }
         let actors = EngineActors {
             run_info,
@@ -414,7 +412,12 @@ impl EngineHandle {
             None => self.new_context().await?,
         };
         ctx.put(fl_ctx_key::EVENT_DATA, data, true, false);
-        ctx.put(fl_ctx_key::EVENT_SCOPE, event_scope::FEDERATION, true, false);
+        ctx.put(
+            fl_ctx_key::EVENT_SCOPE,
+            event_scope::FEDERATION,
+            true,
+            false,
+        );
         self.fire_event(event_type, ctx).await
     }
 

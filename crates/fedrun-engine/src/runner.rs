@@ -61,12 +61,12 @@ use crate::error::EngineError;
 use crate::executor::TaskRouter;
 use crate::handle::EngineHandle;
 use crate::run_info::{MarkRunStarted, ReportError, SetCurrentTask};
-use crate::task_fetcher::TaskPull;
-use crate::widgets::set_stats;
 use crate::stream::{
     ArraysProducer, ModelSlots, StreamObjects, MODEL_CHANNEL, MODEL_STREAM_HEADER, TOPIC_RESULT,
     TOPIC_WEIGHTS,
 };
+use crate::task_fetcher::TaskPull;
+use crate::widgets::set_stats;
 
 /// The error-log group under which the runner reports failed tasks; also its stats group.
 pub const RUNNER_ERROR_GROUP: &str = "ClientRunner";
@@ -1036,26 +1036,29 @@ impl ClientRunner {
             .await?;
         // NVFlare's runner reports its job id and current tasks to `show_stats`.
         let weak: Weak<Shared> = Arc::downgrade(shared);
-        let stats = handler_fn(RUNNER_ERROR_GROUP, move |event: &str, ctx: &mut FlContext| {
-            if event != info_collector::EVENT_TYPE_GET_STATS {
-                return Ok(());
-            }
-            let Some(shared) = weak.upgrade() else {
-                return Ok(());
-            };
-            let tasks: Vec<Value> = match shared.running.lock() {
-                Ok(running) => running
-                    .values()
-                    .map(|r| Value::from(r.task.name.as_str()))
-                    .collect(),
-                Err(_) => Vec::new(),
-            };
-            let mut info = Map::new();
-            info.insert("job_id", shared.engine.job_id());
-            info.insert("current_tasks", tasks);
-            set_stats(ctx, RUNNER_ERROR_GROUP, info);
-            Ok(())
-        });
+        let stats = handler_fn(
+            RUNNER_ERROR_GROUP,
+            move |event: &str, ctx: &mut FlContext| {
+                if event != info_collector::EVENT_TYPE_GET_STATS {
+                    return Ok(());
+                }
+                let Some(shared) = weak.upgrade() else {
+                    return Ok(());
+                };
+                let tasks: Vec<Value> = match shared.running.lock() {
+                    Ok(running) => running
+                        .values()
+                        .map(|r| Value::from(r.task.name.as_str()))
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                let mut info = Map::new();
+                info.insert("job_id", shared.engine.job_id());
+                info.insert("current_tasks", tasks);
+                set_stats(ctx, RUNNER_ERROR_GROUP, info);
+                Ok(())
+            },
+        );
         shared.engine.add_handler(stats).await?;
         // the ready-made consumer of models the server streams (large-model ScatterAndGather)
         shared

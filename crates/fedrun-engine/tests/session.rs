@@ -148,7 +148,10 @@ async fn pull_stamps_the_job_ssid_and_hands_back_the_peer_context() {
     let pulled = within(e.pull_task(None, ANSWERED)).await.unwrap();
     assert_eq!(pulled.task.as_ref().map(|t| t.name.as_str()), Some("train"));
     assert_eq!(ssid_of(&pulled.ctx).as_deref(), Some("NA"));
-    let peer = pulled.ctx.peer_context().expect("the server's peer context");
+    let peer = pulled
+        .ctx
+        .peer_context()
+        .expect("the server's peer context");
     assert_eq!(
         peer.get("__identity_name__").and_then(Value::as_str),
         Some("server")
@@ -170,7 +173,9 @@ async fn result_sent_with_the_pull_context_is_accepted() {
     let (topic, payload) = server.next().await;
     assert_eq!(topic, topic::SUBMIT_UPDATE);
     assert_eq!(
-        payload.header_or_none(header_key::TASK_NAME).and_then(Value::as_str),
+        payload
+            .header_or_none(header_key::TASK_NAME)
+            .and_then(Value::as_str),
         Some("train")
     );
 }
@@ -195,7 +200,9 @@ async fn result_of_another_session_or_of_no_session_is_refused_without_sending()
     let (topic, payload) = server.next().await;
     assert_eq!(topic, topic::SUBMIT_UPDATE);
     assert_eq!(
-        payload.header_or_none(header_key::TASK_NAME).and_then(Value::as_str),
+        payload
+            .header_or_none(header_key::TASK_NAME)
+            .and_then(Value::as_str),
         Some("c")
     );
 }
@@ -206,14 +213,18 @@ async fn without_ssid_a_context_stamped_with_a_session_is_refused() {
     let _server = FakeServer::start("server", net.clone()).await;
     let e = engine("site-1", &net, None).await;
     let plain = within(e.new_context()).await.unwrap();
-    assert!(within(e.send_task_result_in(plain, result_of("a"), ANSWERED))
-        .await
-        .unwrap());
+    assert!(
+        within(e.send_task_result_in(plain, result_of("a"), ANSWERED))
+            .await
+            .unwrap()
+    );
     let mut stamped = within(e.new_context()).await.unwrap();
     stamped.put(fl_ctx_key::SSID, "NA", true, false);
-    assert!(!within(e.send_task_result_in(stamped, result_of("b"), ANSWERED))
-        .await
-        .unwrap());
+    assert!(
+        !within(e.send_task_result_in(stamped, result_of("b"), ANSWERED))
+            .await
+            .unwrap()
+    );
 }
 
 #[actix::test]
@@ -234,7 +245,10 @@ async fn pull_events_fire_before_and_after_each_pull_and_see_the_session_after()
     let first = within(seen.recv()).await.unwrap();
     let second = within(seen.recv()).await.unwrap();
     assert_eq!(first, ("_before_pull_task".to_owned(), None));
-    assert_eq!(second, ("_after_pull_task".to_owned(), Some("NA".to_owned())));
+    assert_eq!(
+        second,
+        ("_after_pull_task".to_owned(), Some("NA".to_owned()))
+    );
 }
 
 #[actix::test]
@@ -256,12 +270,18 @@ async fn task_replies_without_a_cell_return_code_are_failures() {
     let e = engine("site-1", &net, None).await;
     server.then(Reply::Task(task("train")));
     let pulled = within(e.pull_task(None, ANSWERED)).await.unwrap();
-    assert!(pulled.task.is_none(), "a get_task reply without a code is a failed pull");
+    assert!(
+        pulled.task.is_none(),
+        "a get_task reply without a code is a failed pull"
+    );
     let mut accepted = Shareable::new();
     accepted.set_return_code(fedrun_core::AppReturnCode::Ok);
     server.then(Reply::Task(accepted));
     let sent = within(e.send_task_result(result_of("train"), ANSWERED)).await;
-    assert!(!sent.unwrap(), "a submit_update reply without a code was never accepted");
+    assert!(
+        !sent.unwrap(),
+        "a submit_update reply without a code was never accepted"
+    );
 }
 
 fn hierarchy_meta(clients: &[(&str, &str)]) -> Value {
@@ -297,9 +317,11 @@ async fn a_child_site_pulls_from_and_pushes_to_its_parents_job_cell() {
     parent.then(Reply::Task(task("train")));
     let pulled = within(e.pull_task(None, ANSWERED)).await.unwrap();
     assert_eq!(pulled.task.map(|t| t.name), Some("train".to_owned()));
-    assert!(within(e.send_task_result_in(pulled.ctx, result_of("train"), ANSWERED))
-        .await
-        .unwrap());
+    assert!(
+        within(e.send_task_result_in(pulled.ctx, result_of("train"), ANSWERED))
+            .await
+            .unwrap()
+    );
     assert_eq!(parent.next().await.0, topic::GET_TASK);
     assert_eq!(parent.next().await.0, topic::SUBMIT_UPDATE);
 }

@@ -57,8 +57,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{
-    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, MessageResult,
-    Recipient, ResponseActFuture, WrapFuture,
+    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, MessageResult, Recipient,
+    ResponseActFuture, WrapFuture,
 };
 use fedrun_cell::{header, AbortSignal, CellHandle, CellMessage, Fqcn, SendRequest};
 use fedrun_core::constants::{channel, event_type, fl_ctx_key, header_key, task_header, topic};
@@ -75,8 +75,8 @@ use crate::run_info::{GetAbortSignal, NewContext, RunInfo, SetCurrentTask};
 pub mod config;
 
 pub use config::{
-    parent_site_name, TaskFetcherConfig, DEFAULT_COMMUNICATION_TIMEOUT,
-    DEFAULT_PROJECT_NAME, DEFAULT_TASK_FETCHER_MAILBOX,
+    parent_site_name, TaskFetcherConfig, DEFAULT_COMMUNICATION_TIMEOUT, DEFAULT_PROJECT_NAME,
+    DEFAULT_TASK_FETCHER_MAILBOX,
 };
 
 /// The actor that pulls tasks from the server job and pushes their results (see the module doc).
@@ -562,7 +562,9 @@ impl Handler<GetTaskAssignment> for TaskFetcher {
                     let (task, ctx) = outcome?;
                     let ctx =
                         fire_pull_event(events, event_type::AFTER_PULL_TASK, ctx, &prefix).await;
-                    if let Some(t) = task.as_ref().filter(|t| !t.is_try_again() && !t.is_end_run())
+                    if let Some(t) = task
+                        .as_ref()
+                        .filter(|t| !t.is_try_again() && !t.is_end_run())
                     {
                         set_current_task(run_info, Some(t.name.clone()), prefix).await;
                     }

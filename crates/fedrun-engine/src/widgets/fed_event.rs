@@ -178,7 +178,10 @@ impl FedEventRunner {
             async move { Ok(receive(&shared, req)) }
         });
         let registered = aux
-            .send(RegisterAuxMessageHandler::new(reserved_topic::FED_EVENT, handler))
+            .send(RegisterAuxMessageHandler::new(
+                reserved_topic::FED_EVENT,
+                handler,
+            ))
             .await
             .map_err(|e| e.to_string())?;
         registered.map_err(|e| e.to_string())?;
@@ -261,7 +264,9 @@ fn receive(shared: &Shared, req: AuxRequest) -> Shareable {
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
     let Some(sender) = sender else {
-        log::error!("{prefix} fed event dropped (topic {topic}): missing identity name of the data sender");
+        log::error!(
+            "{prefix} fed event dropped (topic {topic}): missing identity name of the data sender"
+        );
         return reply(AppReturnCode::MissingPeerContext);
     };
     let present = |key| !matches!(data.header_or_none(key), None | Some(Value::Nil));
@@ -310,9 +315,7 @@ fn receive(shared: &Shared, req: AuxRequest) -> Shareable {
         None => Err("the run has ended"),
     };
     if let Err(why) = queued {
-        log::warn!(
-            "{prefix} fed event {event_type} from {sender} dropped (topic {topic}): {why}"
-        );
+        log::warn!("{prefix} fed event {event_type} from {sender} dropped (topic {topic}): {why}");
         return reply(AppReturnCode::ServiceUnavailable);
     }
     if let Some(id) = &event_id {
@@ -355,7 +358,12 @@ async fn post(
             break;
         };
         ctx.put(fl_ctx_key::EVENT_DATA, data, true, false);
-        ctx.put(fl_ctx_key::EVENT_SCOPE, event_scope::FEDERATION, true, false);
+        ctx.put(
+            fl_ctx_key::EVENT_SCOPE,
+            event_scope::FEDERATION,
+            true,
+            false,
+        );
         if let Some(peer) = peer {
             ctx.set_peer_context(peer);
         }
