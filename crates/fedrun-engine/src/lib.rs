@@ -11,7 +11,7 @@
 //! | [`ComponentRegistry`] | components, event handlers, widgets, component factories and the build authorizer; event firing | [`registry`] |
 //! | [`AuxRunner`] | aux handlers, target resolution, the job-client directory; aux requests in and out | [`aux`] |
 //! | [`StreamProcessor`] | consumer factories, receiving streams, sending streams | [`stream`] |
-//! | [`TaskFetcher`] | task pulls and result pushes to the server job, the last task id, the communication timeout | [`task_fetcher`] |
+//! | [`TaskFetcher`] | task pulls and result pushes to the server job (or the parent site's), the last task id, the communication timeout, the job's session id | [`task_fetcher`] |
 //!
 //! [`ClientEngine::builder`] starts them all, with the job's cell, and returns an
 //! [`EngineHandle`]: one async method per engine call, for users who would rather not build

@@ -39,8 +39,13 @@
 //!
 //! Differences from NVFlare, on purpose: the first `__sync_runner__` is sent at once (then every
 //! `default_interval`); the end-run readiness check (`_check_end_run_readiness`) is not done;
-//! task data and result filters do not exist yet; the heartbeat and task checks go to the server
-//! (no relay parent).
+//! task data and result filters do not exist yet.
+//!
+//! Like NVFlare's runner, it sends its runner sync, job heartbeats and task checks to the task
+//! server — the server, or the parent site of a hierarchical site
+//! ([`EngineHandle::parent_target`]) — and keeps one context per task, from the pull
+//! ([`TaskPull::ctx`], with the server's peer context and the session's `__ssid__`) to the result
+//! push. It reports `ClientRunner: {job_id, current_tasks}` to `show_stats`.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
