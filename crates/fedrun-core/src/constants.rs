@@ -303,6 +303,48 @@ pub mod event_type {
 pub mod event_scope {
     /// The default scope: this site only.
     pub const LOCAL: &str = "local";
+    /// A fed event: also sent to the federation (`EventScope.FEDERATION`).
+    pub const FEDERATION: &str = "federation";
+}
+
+/// Shareable headers of a fed event (`FedEventHeader`), as NVFlare's fed-event runners set them.
+pub mod fed_event_header {
+    /// When the event was fired (seconds since the epoch, a float).
+    pub const TIMESTAMP: &str = "_timestamp";
+    /// The event's unique id (a uuid4 hex string); used to drop duplicates per sender.
+    pub const EVENT_ID: &str = "_event_id";
+    /// The event type to fire at the receiver.
+    pub const EVENT_TYPE: &str = "_event_type";
+    /// `out` (default) for an event leaving this site, `in` for one received.
+    pub const DIRECTION: &str = "_direction";
+    /// The identity name of the site that fired the event.
+    pub const ORIGIN: &str = "_origin";
+    /// The target sites (only the server's runner uses it).
+    pub const TARGETS: &str = "_targets";
+}
+
+/// The info collector's stats protocol (`InfoCollector.EVENT_TYPE_GET_STATS` and
+/// `InfoCollector.CTX_KEY_STATS_COLLECTOR`).
+pub mod info_collector {
+    /// The event fired to collect stats from every component.
+    pub const EVENT_TYPE_GET_STATS: &str = "info_collector.get_stats";
+    /// The context prop under which handlers add their stats (group → info).
+    pub const CTX_KEY_STATS_COLLECTOR: &str = "info_collector.stats_collector";
+    /// The error category name.
+    pub const CATEGORY_ERROR: &str = "error";
+    /// The stats category name.
+    pub const CATEGORY_STATS: &str = "stats";
+}
+
+/// The CJ's admin commands answered by the info collector (`AdminCommandNames`); they arrive on
+/// channel `client_command` with the command as the topic.
+pub mod info_command {
+    /// Collect and return the run's stats.
+    pub const SHOW_STATS: &str = "show_stats";
+    /// Return the run's error log.
+    pub const SHOW_ERRORS: &str = "show_errors";
+    /// Clear the run's error log.
+    pub const RESET_ERRORS: &str = "reset_errors";
 }
 
 /// Widget ids.

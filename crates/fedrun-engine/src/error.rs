@@ -127,6 +127,21 @@ pub enum EngineError {
         /// How long the client tried.
         waited: std::time::Duration,
     },
+    /// The site's FQSN names a parent site that is not one of the job's clients, so there is no
+    /// cell to pull tasks from (NVFlare: "cannot find parent").
+    #[error("cannot find parent '{parent}' of site {fqsn} among the job's clients")]
+    UnknownParent {
+        /// The parent site's name (the second-to-last component of the FQSN).
+        parent: String,
+        /// The site's FQSN.
+        fqsn: String,
+    },
+    /// A built-in widget is not registered (or is not of the expected type).
+    #[error("widget {0} is not available")]
+    MissingWidget(String),
+    /// An admin command the engine does not answer.
+    #[error("unknown command {0}")]
+    UnknownCommand(String),
     /// An error of the data model.
     #[error(transparent)]
     Core(#[from] CoreError),

@@ -13,19 +13,20 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use fedrun_cell::{AbortSignal, Cell, CellHandle, Fqcn, Network, Transport};
+use fedrun_core::constants::{event_scope, fl_ctx_key, widget_id};
 use fedrun_core::{Client, ClientRunInfo, FlContext, Map, Shareable, TaskAssignment, Value};
 
 use crate::aux::{
     AuxConfig, AuxHandler, AuxReplies, AuxRunner, AuxTargets, FireAndForgetAuxRequest,
-    GetJobClients, MulticastAuxRequests, RegisterAuxMessageHandler, SendAuxRequest,
-    ValidateTargets,
+    GetClientFromName, GetJobClients, MulticastAuxRequests, RegisterAuxMessageHandler,
+    SendAuxRequest, ValidateTargets,
 };
 use crate::component::{ComponentRef, EventHandler};
 use crate::error::EngineError;
 use crate::facade::{AbortApp, ClientRunManager, EngineActors, StopEngine};
 use crate::registry::{
-    AddComponent, AddHandler, BuildComponent, ComponentRegistry, FireEvent, GetAllComponents,
-    GetComponent,
+    AddComponent, AddHandler, AddWidget, BuildComponent, ComponentRegistry, FireEvent,
+    GetAllComponents, GetComponent, GetWidget,
 };
 use crate::run_info::{
     ErrorReport, GetAbortSignal, GetRunInfo, NewContext, ResetErrors, RunInfo, RunInfoConfig,
@@ -36,9 +37,10 @@ use crate::stream::{
     StreamOutcome, StreamProcessor,
 };
 use crate::task_fetcher::{
-    GetTaskAssignment, SendTaskResult, TaskFetcher, TaskFetcherConfig,
+    parent_site_name, GetTaskAssignment, SendTaskResult, TaskFetcher, TaskFetcherConfig, TaskPull,
     DEFAULT_COMMUNICATION_TIMEOUT,
 };
+use crate::widgets::{FedEventRunner, InfoCollector};
 
 /// Starts client job engines: see [`ClientEngine::builder`].
 pub struct ClientEngine;
@@ -50,6 +52,7 @@ impl ClientEngine {
             run_info: RunInfoConfig::new(client_name, job_id),
             check_run_mismatch: false,
             communication_timeout: DEFAULT_COMMUNICATION_TIMEOUT,
+            ssid: None,
         }
     }
 }
@@ -73,6 +76,7 @@ pub struct ClientEngineBuilder {
     run_info: RunInfoConfig,
     check_run_mismatch: bool,
     communication_timeout: Duration,
+    ssid: Option<String>,
 }
 
 impl ClientEngineBuilder {
@@ -115,12 +119,28 @@ impl ClientEngineBuilder {
         self
     }
 
+    /// The job's session id: NVFlare's job `ssid` (the CJ reads it from `NVFLARE_JOB_SSID`; the
+    /// simulator uses `"NA"`). A successful task pull stamps it into the pull's context as
+    /// `__ssid__`, and a task result whose context carries another session is not sent
+    /// (`invalid_session`), as NVFlare's communicator does. Default: no session (no stamp; a
+    /// context stamped with a session is then refused).
+    pub fn ssid(mut self, ssid: impl Into<String>) -> Self {
+        self.ssid = Some(ssid.into());
+        self
+    }
+
     /// Start the engine on the in-process `network`: its cell is `<client_name>.<job_id>`.
     pub async fn start(self, network: &Network) -> Result<EngineHandle, EngineError> {
         self.start_on(network.clone()).await
     }
 
     /// Start the engine on any cell transport.
+    ///
+    /// The job's clients are loaded from the job meta first (when there is one). A site whose
+    /// FQSN (client config `fqsn`) has a parent pulls its tasks from that parent's job cell
+    /// `<parent fqcn>.<job_id>` instead of `server.<job_id>`; the parent must be one of the
+    /// job's clients, else the start fails with [`EngineError::UnknownParent`] (and the cell is
+    /// stopped again).
     pub async fn start_on<T: Transport>(self, transport: T) -> Result<EngineHandle, EngineError> {
         let site = self.run_info.client_name.clone();
         let job_id = self.run_info.job_id.clone();
@@ -134,6 +154,7 @@ impl ClientEngineBuilder {
                 reason: e.to_string(),
             })?;
         let has_meta = self.run_info.job_meta.is_some();
+        let fqsn = self.run_info.fqsn();
         let run_info = RunInfo::new(self.run_info).start();
         let registry = ComponentRegistry::new(&job_id, &site)
             .with_error_sink(run_info.clone().recipient())
@@ -150,11 +171,47 @@ impl ClientEngineBuilder {
             run_info.clone(),
         ))
         .await?;
-        let task = TaskFetcher::new(
+        if has_meta {
+            let loaded = aux.send(GetJobClients { job_meta: None }).await;
+            let loaded = loaded.map_err(|_| EngineError::ActorGone { actor: "AuxRunner" });
+            if let Err(e) = loaded.and_then(|r| r) {
+                cell.stop().await;
+                return Err(e);
+            }
+        }
+        let parent = match resolve_parent(&aux, &fqsn).await {
+            Ok(parent) => parent,
+            Err(e) => {
+                log::error!("[job={job_id} site={site}] cannot start the engine: {e}");
+                cell.stop().await;
+                return Err(e);
+            }
+        };
+        let mut task_config =
             TaskFetcherConfig::new(&site, &job_id, cell.clone(), run_info.clone())
-                .with_communication_timeout(self.communication_timeout),
-        )?
-        .start();
+                .with_communication_timeout(self.communication_timeout)
+                .with_events(registry.clone().recipient());
+        if let Some((_, parent_fqcn)) = &parent {
+            task_config = task_config.with_parent_fqcn(parent_fqcn.clone());
+        }
+        if let Some(ssid) = &self.ssid {
+            task_config = task_config.with_ssid(ssid.as_str());
+        }
+        let task = TaskFetcher::new(task_config)?.start();
+        let info = InfoCollector::new(&site, &job_id, &run_info, &registry);
+        let fed = FedEventRunner::new(&site, &job_id, &aux, &registry, &run_info);
+        for (id, widget) in [
+            (widget_id::INFO_COLLECTOR, ComponentRef::new(info)),
+            (widget_id::FED_EVENT_RUNNER, ComponentRef::new(fed)),
+        ] {
+            let added = registry.send(AddWidget {
+                id: id.to_owned(),
+                widget,
+            });
+            added.await.map_err(|_| EngineError::ActorGone {
+                actor: "ComponentRegistry",
+            })??;
+        }
         let actors = EngineActors {
             run_info,
             registry,
@@ -168,13 +225,41 @@ impl ClientEngineBuilder {
             cell,
             site: Arc::from(site.as_str()),
             job_id: Arc::from(job_id.as_str()),
+            ssid: self.ssid.map(Arc::from),
+            parent: parent.map(|(name, _)| Arc::from(name.as_str())),
         };
-        if has_meta {
-            handle.get_job_clients().await?;
-        }
-        log::info!("[job={job_id} site={site}] client job engine started on cell {fqcn}");
+        log::info!(
+            "[job={job_id} site={site}] client job engine started on cell {fqcn}, tasks from {}",
+            handle.parent().unwrap_or("server")
+        );
         Ok(handle)
     }
+}
+
+/// The parent site of `fqsn` (name and cell), `None` for a site served by the server.
+async fn resolve_parent(
+    aux: &Addr<AuxRunner>,
+    fqsn: &str,
+) -> Result<Option<(String, Fqcn)>, EngineError> {
+    let Some(parent) = parent_site_name(fqsn) else {
+        return Ok(None);
+    };
+    let unknown = || EngineError::UnknownParent {
+        parent: parent.to_owned(),
+        fqsn: fqsn.to_owned(),
+    };
+    let found = aux
+        .send(GetClientFromName {
+            name: parent.to_owned(),
+        })
+        .await
+        .map_err(|_| EngineError::ActorGone { actor: "AuxRunner" })?;
+    let client = found.ok_or_else(unknown)?;
+    let fqcn = Fqcn::new(client.fqcn.clone()).map_err(|e| EngineError::InvalidTargetFqcn {
+        fqcn: client.fqcn.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Some((client.name, fqcn)))
 }
 
 /// A cloneable, typed handle on a running engine: one async method per engine call.
@@ -187,6 +272,8 @@ pub struct EngineHandle {
     cell: CellHandle,
     site: Arc<str>,
     job_id: Arc<str>,
+    ssid: Option<Arc<str>>,
+    parent: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -225,6 +312,31 @@ impl EngineHandle {
         &self.job_id
     }
 
+    /// The job's session id ([`ClientEngineBuilder::ssid`]), e.g. for the wire layer's `ssid`
+    /// cell header.
+    pub fn ssid(&self) -> Option<&str> {
+        self.ssid.as_deref()
+    }
+
+    /// The parent site whose job serves this site's tasks; `None`: the server. NVFlare's
+    /// client runner also sends its runner sync, heartbeats and task checks there.
+    pub fn parent(&self) -> Option<&str> {
+        self.parent.as_deref()
+    }
+
+    /// The aux target of the task server: the parent site, or the server.
+    pub fn parent_target(&self) -> AuxTargets {
+        match &self.parent {
+            Some(parent) => AuxTargets::Site(parent.to_string()),
+            None => AuxTargets::Server,
+        }
+    }
+
+    /// The reply key of the task server in aux replies: the parent's name, or `server`.
+    pub fn parent_reply_key(&self) -> &str {
+        self.parent.as_deref().unwrap_or("server")
+    }
+
     /// Send any engine message through the facade.
     pub async fn send<M>(&self, msg: M) -> Result<M::Result, EngineError>
     where
@@ -253,6 +365,60 @@ impl EngineHandle {
     /// NVFlare's `reset_errors()` (fixed, spec §6 #1): clears the error log.
     pub async fn reset_errors(&self) -> Result<(), EngineError> {
         self.send(ResetErrors).await
+    }
+
+    /// The info collector's `get_run_stats()`: fires `info_collector.get_stats` and returns the
+    /// `{group: info}` map the handlers filled (see [`InfoCollector::show_stats`]).
+    pub async fn show_stats(&self) -> Result<Map, EngineError> {
+        self.info_collector().await?.show_stats().await
+    }
+
+    /// NVFlare's `get_widget(id)`: the widget registered under `id` (`info_collector`,
+    /// `fed_event_runner`), `None` for any other id.
+    pub async fn get_widget(&self, id: &str) -> Result<Option<ComponentRef>, EngineError> {
+        self.send(GetWidget { id: id.to_owned() }).await
+    }
+
+    /// The `info_collector` widget, typed.
+    pub async fn info_collector(&self) -> Result<Arc<InfoCollector>, EngineError> {
+        self.typed_widget(widget_id::INFO_COLLECTOR).await
+    }
+
+    /// The `fed_event_runner` widget, typed.
+    pub async fn fed_event_runner(&self) -> Result<Arc<FedEventRunner>, EngineError> {
+        self.typed_widget(widget_id::FED_EVENT_RUNNER).await
+    }
+
+    async fn typed_widget<T: crate::Component>(&self, id: &str) -> Result<Arc<T>, EngineError> {
+        self.get_widget(id)
+            .await?
+            .and_then(|w| w.downcast::<T>())
+            .ok_or_else(|| EngineError::MissingWidget(id.to_owned()))
+    }
+
+    /// NVFlare's `FLComponent.fire_fed_event(event_type, data, fl_ctx)`: fires `event_type`
+    /// locally with `data` as `__event_data__` and scope `federation`; the `fed_event_runner`
+    /// widget then sends it to the server job (topic `fed.event`) once the run started.
+    /// `ctx`: the context to fire on (`None`: a new one of the run). Returns the context as the
+    /// handlers left it.
+    pub async fn fire_fed_event(
+        &self,
+        event_type: &str,
+        data: Shareable,
+        ctx: Option<FlContext>,
+    ) -> Result<FlContext, EngineError> {
+        let mut ctx = match ctx {
+            Some(ctx) => ctx,
+            None => self.new_context().await?,
+        };
+        ctx.put(fl_ctx_key::EVENT_DATA, data, true, false);
+        ctx.put(
+            fl_ctx_key::EVENT_SCOPE,
+            event_scope::FEDERATION,
+            true,
+            false,
+        );
+        self.fire_event(event_type, ctx).await
     }
 
     /// The run's abort signal (triggered by [`EngineHandle::abort_app`]).
@@ -404,15 +570,46 @@ impl EngineHandle {
     }
 
     /// NVFlare's `get_task_assignment(fl_ctx, timeout)` with a new context of the run: pulls one
-    /// task from the server job. `Ok(None)` is a failed pull (try again later); the special names
-    /// `__try_again__` and `__end_run__` come back as assignments. The pull waits
-    /// `max(timeout, communication timeout)`, or the communication timeout when `timeout` is
-    /// `None`. Send a [`GetTaskAssignment`] with [`EngineHandle::send`] to pass a context.
+    /// task from the server job (or the parent site's). `Ok(None)` is a failed pull (try again
+    /// later); the special names `__try_again__` and `__end_run__` come back as assignments. The
+    /// pull waits `max(timeout, communication timeout)`, or the communication timeout when
+    /// `timeout` is `None`. The pull's context is dropped: use [`EngineHandle::pull_task`] to
+    /// keep it.
     pub async fn get_task_assignment(
         &self,
         timeout: Option<Duration>,
     ) -> Result<Option<TaskAssignment>, EngineError> {
-        self.send(GetTaskAssignment { ctx: None, timeout }).await?
+        Ok(self.pull_task(None, timeout).await?.task)
+    }
+
+    /// NVFlare's `get_task_assignment(fl_ctx, timeout)` on `ctx` (`None`: a new context of the
+    /// run): the assignment and the pull's context, which holds the server's peer context and
+    /// the session's `__ssid__`; process the task in it and send its result with
+    /// [`EngineHandle::send_task_result_in`].
+    pub async fn pull_task(
+        &self,
+        ctx: Option<FlContext>,
+        timeout: Option<Duration>,
+    ) -> Result<TaskPull, EngineError> {
+        self.send(GetTaskAssignment { ctx, timeout }).await?
+    }
+
+    /// NVFlare's `send_task_result(result, fl_ctx, timeout)` with the task's context (normally
+    /// the pull's, [`TaskPull::ctx`]): `false` when the context is of another session, or when
+    /// the server job did not answer `ok`.
+    pub async fn send_task_result_in(
+        &self,
+        ctx: FlContext,
+        result: Shareable,
+        timeout: Option<Duration>,
+    ) -> Result<bool, EngineError> {
+        self.send(SendTaskResult {
+            result,
+            task_name: None,
+            ctx: Some(ctx),
+            timeout,
+        })
+        .await?
     }
 
     /// NVFlare's `send_task_result(result, fl_ctx, timeout)` with a new context of the run: pushes

@@ -11,7 +11,7 @@
 //! | [`ComponentRegistry`] | components, event handlers, widgets, component factories and the build authorizer; event firing | [`registry`] |
 //! | [`AuxRunner`] | aux handlers, target resolution, the job-client directory; aux requests in and out | [`aux`] |
 //! | [`StreamProcessor`] | consumer factories, receiving streams, sending streams | [`stream`] |
-//! | [`TaskFetcher`] | task pulls and result pushes to the server job, the last task id, the communication timeout | [`task_fetcher`] |
+//! | [`TaskFetcher`] | task pulls and result pushes to the server job (or the parent site's), the last task id, the communication timeout, the job's session id | [`task_fetcher`] |
 //!
 //! [`ClientEngine::builder`] starts them all, with the job's cell, and returns an
 //! [`EngineHandle`]: one async method per engine call, for users who would rather not build
@@ -23,7 +23,10 @@
 //! On top of the engine, the job's own work: [`executor`] (the [`Executor`] trait and the
 //! [`TaskRouter`] from task names to executors), [`job_config`] (the client app's
 //! `config_fed_client.json`, built into components and a router) and [`runner`] (the
-//! [`ClientRunner`] task loop: fetch, execute, check, send, until the run ends).
+//! [`ClientRunner`] task loop: fetch, execute, check, send, until the run ends). NVFlare's two
+//! built-in client widgets live in [`widgets`]: the [`InfoCollector`] (`show_stats`,
+//! `show_errors`, `reset_errors`) and the [`FedEventRunner`] (fed events to and from the server
+//! job), both registered by [`ClientEngine::builder`] and reachable through `get_widget`.
 //!
 //! # Example: an engine inside your own actix System
 //! ```
@@ -68,6 +71,7 @@ pub mod run_info;
 pub mod runner;
 pub mod stream;
 pub mod task_fetcher;
+pub mod widgets;
 
 pub use aux::{
     aux_handler, aux_timeout_secs, AuxConfig, AuxHandler, AuxHandlerFn, AuxReplies, AuxRequest,
@@ -101,6 +105,9 @@ pub use stream::{
     RegisterStreamProcessing, StreamConfig, StreamObjects, StreamOutcome, StreamProcessor,
 };
 pub use task_fetcher::{
-    FetcherState, GetFetcherState, GetTaskAssignment, SendTaskResult, TaskFetcher,
-    TaskFetcherConfig,
+    parent_site_name, FetcherState, GetFetcherState, GetTaskAssignment, SendTaskResult,
+    TaskFetcher, TaskFetcherConfig, TaskPull,
+};
+pub use widgets::{
+    add_stats, answer_info_command, set_stats, FedEventRunner, InfoCollector, FED_EVENT_QUEUE,
 };

@@ -213,6 +213,49 @@ impl ErrorReport {
             .collect()
     }
 
+    /// The report in NVFlare's `show_errors` shape: group → key → the latest line only.
+    ///
+    /// # Example
+    /// ```
+    /// use std::time::UNIX_EPOCH;
+    /// use fedrun_core::{ErrorRecord, Value};
+    /// use fedrun_engine::ErrorReport;
+    ///
+    /// let record = |m: &str| ErrorRecord {
+    ///     group: "AuxRunner".into(),
+    ///     key: "error".into(),
+    ///     time: UNIX_EPOCH,
+    ///     message: m.into(),
+    /// };
+    /// let mut report = ErrorReport::default();
+    /// report.groups.entry("AuxRunner".into()).or_default().insert(
+    ///     "error".into(),
+    ///     vec![record("first"), record("second")],
+    /// );
+    /// let value = report.latest_value();
+    /// let group = value.as_map().and_then(|m| m.get("AuxRunner")).and_then(Value::as_map);
+    /// let line = group.and_then(|g| g.get("error")).and_then(Value::as_str);
+    /// assert_eq!(line, Some("1970-01-01 00:00:00: second"));
+    /// ```
+    pub fn latest_value(&self) -> Value {
+        let groups: Map = self
+            .groups
+            .iter()
+            .map(|(group, keys)| {
+                let keys: Map = keys
+                    .iter()
+                    .filter_map(|(key, records)| {
+                        records
+                            .last()
+                            .map(|r| (key.as_str(), Value::from(format_error_line(r))))
+                    })
+                    .collect();
+                (group.as_str(), keys)
+            })
+            .collect();
+        Value::Map(groups)
+    }
+
     /// The report as a value (group → key → list of lines), e.g. for an admin command reply.
     pub fn to_value(&self) -> Value {
         let groups: Map = self

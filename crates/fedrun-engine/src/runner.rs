@@ -39,8 +39,13 @@
 //!
 //! Differences from NVFlare, on purpose: the first `__sync_runner__` is sent at once (then every
 //! `default_interval`); the end-run readiness check (`_check_end_run_readiness`) is not done;
-//! task data and result filters do not exist yet; the heartbeat and task checks go to the server
-//! (no relay parent).
+//! task data and result filters do not exist yet.
+//!
+//! Like NVFlare's runner, it sends its runner sync, job heartbeats and task checks to the task
+//! server — the server, or the parent site of a hierarchical site
+//! ([`EngineHandle::parent_target`]) — and keeps one context per task, from the pull
+//! ([`TaskPull::ctx`], with the server's peer context and the session's `__ssid__`) to the result
+//! push. It reports `ClientRunner: {job_id, current_tasks}` to `show_stats`.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -49,12 +54,14 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fedrun_cell::AbortSignal;
-use fedrun_core::constants::{config_var, event_type, fl_ctx_key, header_key, reserved_topic};
-use fedrun_core::{AppReturnCode, FlContext, PeerContext, ReturnCode, Shareable, Value};
+use fedrun_core::constants::{
+    config_var, event_type, fl_ctx_key, header_key, info_collector, reserved_topic,
+};
+use fedrun_core::{AppReturnCode, FlContext, Map, PeerContext, ReturnCode, Shareable, Value};
 use futures::FutureExt;
 
-use crate::aux::{aux_handler, AuxRequest, AuxTargets, FireAndForgetAuxRequest, SendAuxRequest};
-use crate::component::panic_text;
+use crate::aux::{aux_handler, AuxRequest, AuxTargets, SendAuxRequest};
+use crate::component::{handler_fn, panic_text};
 use crate::error::EngineError;
 use crate::executor::TaskRouter;
 use crate::handle::EngineHandle;
@@ -63,15 +70,14 @@ use crate::stream::{
     ArraysProducer, ModelSlots, StreamObjects, MODEL_CHANNEL, MODEL_STREAM_HEADER, TOPIC_RESULT,
     TOPIC_WEIGHTS,
 };
+use crate::task_fetcher::TaskPull;
+use crate::widgets::set_stats;
 
-/// The error-log group under which the runner reports failed tasks.
+/// The error-log group under which the runner reports failed tasks; also its stats group.
 pub const RUNNER_ERROR_GROUP: &str = "ClientRunner";
 
 /// The Shareable entry holding a DXO.
 const DXO_ENTRY: &str = "DXO";
-
-/// The reply key of the server in aux replies.
-const SERVER: &str = "server";
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
@@ -569,7 +575,7 @@ impl Shared {
         let mut request = Shareable::new();
         request.set_header(header_key::TASK_ID, task_id);
         let msg = SendAuxRequest::new(
-            AuxTargets::Server,
+            self.engine.parent_target(),
             reserved_topic::TASK_CHECK,
             request,
             self.config.task_check_timeout,
@@ -582,7 +588,7 @@ impl Shared {
                 return Check::Retry;
             }
         };
-        let Some(reply) = replies.get(SERVER) else {
+        let Some(reply) = replies.get(self.engine.parent_reply_key()) else {
             log::warn!("{} task check of {task_id}: no reply", self.prefix);
             return Check::Retry;
         };
@@ -610,7 +616,13 @@ impl Shared {
 
     /// Sends a task's result: task check, then `submit_update`, retried until accepted, dropped or
     /// the runner stops. True when the server accepted it.
-    async fn send_result(&self, mut result: Shareable, name: &str, task_id: Option<&str>) -> bool {
+    async fn send_result(
+        &self,
+        mut result: Shareable,
+        ctx: &FlContext,
+        name: &str,
+        task_id: Option<&str>,
+    ) -> bool {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -654,7 +666,11 @@ impl Shared {
             let sent = tokio::select! {
                 biased;
                 _ = self.stop.triggered() => return false,
-                s = self.engine.send_task_result(result.clone(), self.config.submit_task_result_timeout) => s,
+                s = self.engine.send_task_result_in(
+                    ctx.clone(),
+                    result.clone(),
+                    self.config.submit_task_result_timeout,
+                ) => s,
             };
             match sent {
                 Ok(true) => {
@@ -688,7 +704,7 @@ impl Shared {
         loop {
             attempt += 1;
             let msg = SendAuxRequest::new(
-                AuxTargets::Server,
+                self.engine.parent_target(),
                 reserved_topic::SYNC_RUNNER,
                 Shareable::new(),
                 self.config.runner_sync_timeout,
@@ -702,7 +718,10 @@ impl Shared {
             // The reply is looked at before the deadline (spec §6 #32).
             match reply {
                 Err(e) => return Err(e),
-                Ok(Ok(replies)) => match replies.get(SERVER).map(Shareable::return_code) {
+                Ok(Ok(replies)) => match replies
+                    .get(self.engine.parent_reply_key())
+                    .map(Shareable::return_code)
+                {
                     Some(rc) if rc.is_ok() => {
                         log::info!(
                             "{} synced with the server runner (attempt {attempt}, {:?})",
@@ -721,7 +740,7 @@ impl Shared {
             let waited = started.elapsed();
             if waited >= self.config.max_runner_sync_timeout {
                 return Err(EngineError::RunnerSyncFailed {
-                    target: SERVER.to_owned(),
+                    target: self.engine.parent_reply_key().to_owned(),
                     waited,
                 });
             }
@@ -746,7 +765,7 @@ impl Shared {
             let fetched = tokio::select! {
                 biased;
                 _ = self.stop.triggered() => break,
-                t = self.engine.get_task_assignment(self.config.get_task_timeout) => t,
+                t = self.engine.pull_task(None, self.config.get_task_timeout) => t,
             };
             let interval = match fetched {
                 Err(e @ EngineError::ActorGone { .. }) => {
@@ -757,26 +776,34 @@ impl Shared {
                     log::warn!("{} task fetch failed: {e}", self.prefix);
                     self.config.default_interval
                 }
-                Ok(None) => {
+                Ok(TaskPull { task: None, .. }) => {
                     log::debug!("{} no task (failed pull)", self.prefix);
                     self.config.default_interval
                 }
-                Ok(Some(task)) if task.is_end_run() => {
+                Ok(TaskPull {
+                    task: Some(task), ..
+                }) if task.is_end_run() => {
                     log::info!("{} the server ended the run", self.prefix);
                     self.request_stop(RunEnd::EndRun);
                     break;
                 }
-                Ok(Some(task)) if task.is_try_again() => self.wait_time(&task.data),
-                Ok(Some(task)) => {
+                Ok(TaskPull {
+                    task: Some(task), ..
+                }) if task.is_try_again() => self.wait_time(&task.data),
+                Ok(TaskPull {
+                    task: Some(task),
+                    ctx,
+                }) => {
                     let interval = self.wait_time(&task.data);
                     let peer = self.peer_of_task(&task.data);
-                    let ctx = self.new_context().await;
+                    // The pull's context (peer context, session) is the task's, as NVFlare's
+                    // runner keeps one context from fetch to send.
                     let task_id = task.task_id.as_deref();
                     let (result, ctx) = self
                         .process_task(&task.name, task_id, task.data, ctx, peer)
                         .await;
                     let ctx = self.fire(event_type::BEFORE_SEND_TASK_RESULT, ctx).await;
-                    if !self.send_result(result, &task.name, task_id).await {
+                    if !self.send_result(result, &ctx, &task.name, task_id).await {
                         if let Err(e) = self.engine.send(SetCurrentTask { name: None }).await {
                             log::debug!("{} current task not cleared: {e}", self.prefix);
                         }
@@ -967,10 +994,16 @@ impl ClientRunner {
 
     async fn heartbeat(shared: Arc<Shared>) {
         loop {
-            let msg = FireAndForgetAuxRequest::new(reserved_topic::JOB_HEARTBEAT, Shareable::new())
-                .with_optional(true);
+            // Fire-and-forget (zero timeout) to the task server: the server or the parent site.
+            let msg = SendAuxRequest::new(
+                shared.engine.parent_target(),
+                reserved_topic::JOB_HEARTBEAT,
+                Shareable::new(),
+                Duration::ZERO,
+            )
+            .with_optional(true);
             match shared.engine.send(msg).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => log::debug!("{} job heartbeat not sent: {e}", shared.prefix),
                 Err(e) => {
                     log::warn!("{} job heartbeat stops: {e}", shared.prefix);
@@ -1006,6 +1039,32 @@ impl ClientRunner {
             .engine
             .register_aux_message_handler(reserved_topic::DO_TASK, do_task)
             .await?;
+        // NVFlare's runner reports its job id and current tasks to `show_stats`.
+        let weak: Weak<Shared> = Arc::downgrade(shared);
+        let stats = handler_fn(
+            RUNNER_ERROR_GROUP,
+            move |event: &str, ctx: &mut FlContext| {
+                if event != info_collector::EVENT_TYPE_GET_STATS {
+                    return Ok(());
+                }
+                let Some(shared) = weak.upgrade() else {
+                    return Ok(());
+                };
+                let tasks: Vec<Value> = match shared.running.lock() {
+                    Ok(running) => running
+                        .values()
+                        .map(|r| Value::from(r.task.name.as_str()))
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                let mut info = Map::new();
+                info.insert("job_id", shared.engine.job_id());
+                info.insert("current_tasks", tasks);
+                set_stats(ctx, RUNNER_ERROR_GROUP, info);
+                Ok(())
+            },
+        );
+        shared.engine.add_handler(stats).await?;
         // the ready-made consumer of models the server streams (large-model ScatterAndGather)
         shared
             .engine

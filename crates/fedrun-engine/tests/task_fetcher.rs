@@ -229,6 +229,7 @@ impl Client {
             .await
             .unwrap()
             .unwrap()
+            .task
     }
 
     async fn push(&self, msg: SendTaskResult) -> bool {
@@ -588,7 +589,7 @@ async fn task_name_argument_wins_and_context_public_props_are_sent() {
     .await
     .unwrap()
     .unwrap();
-    assert!(pulled.unwrap().is_try_again());
+    assert!(pulled.task.unwrap().is_try_again());
     let req = server.next(topic::GET_TASK).await;
     assert_eq!(req.peer_ctx().get("shown"), Some(&Value::from(1)));
     assert!(req.peer_ctx().get("hidden").is_none());
@@ -613,7 +614,7 @@ async fn concurrent_pulls_run_one_after_the_other_and_lose_no_last_task_id() {
     let (a, b) = within(async { futures::join!(first, second) }).await;
     let ids: Vec<_> = [a, b]
         .into_iter()
-        .map(|r| r.unwrap().unwrap().unwrap().task_id.unwrap())
+        .map(|r| r.unwrap().unwrap().task.unwrap().task_id.unwrap())
         .collect();
     assert_eq!(ids, ["t-1", "t-2"]);
     // The second request was sent after the first reply was applied: it names t-1.
@@ -663,7 +664,7 @@ async fn fetcher_state_is_served_while_a_pull_waits() {
     .await
     .unwrap());
     let outcome = within(pull).await.unwrap().unwrap().unwrap();
-    assert!(outcome.is_none());
+    assert!(outcome.task.is_none());
 }
 
 #[actix::test]
@@ -713,7 +714,7 @@ async fn parent_fqcn_and_project_name_are_configurable() {
     .await
     .unwrap()
     .unwrap();
-    assert!(task.unwrap().is_try_again());
+    assert!(task.task.unwrap().is_try_again());
     let req = within(rx.recv()).await.unwrap();
     assert_eq!(
         req.headers
@@ -784,7 +785,7 @@ async fn engine_handle_pulls_and_pushes_through_the_facade() {
         .await
         .unwrap()
         .unwrap();
-    assert!(pulled.unwrap().is_end_run());
+    assert!(pulled.task.unwrap().is_end_run());
     let pushed = e
         .addr()
         .send(SendTaskResult::new(result_of("train", "t-1")).with_timeout(ANSWERED))

@@ -18,6 +18,30 @@
 //! - A reply header `min_get_task_timeout` (seconds, a number or a numeric string) raises the
 //!   communication timeout and never lowers it.
 //! - A real task's `__task_id__` becomes `last_task_id`, sent with the next pull.
+//! - **Events**: `_before_pull_task` is fired on the pull's context before the request leaves and
+//!   `_after_pull_task` after the reply was applied, whatever the outcome (NVFlare's
+//!   `fetch_task`). NVFlare fires `_after_pull_task` before it copies the server's peer context
+//!   into the context; fedrun fires it after, so handlers see the same props plus the peer
+//!   context (`__ssid__` is set in both when the pull succeeded, nothing else task-related is).
+//! - **The pull's context comes back** with the assignment ([`TaskPull`]): it holds the server's
+//!   peer context and `__ssid__`, and is the context to process the task in and to send its
+//!   result with, as NVFlare's runner does with one `fl_ctx`.
+//! - **Session id** (`ssid`, NVFlare's job SSID): a successful pull sets `__ssid__` (private,
+//!   not sticky) in the pull's context; a push whose context carries another `__ssid__` (or none
+//!   while the engine has one) is refused without sending — a warning "submit_update request
+//!   failed because SSID mismatch" and the result is reported not sent (`invalid_session`),
+//!   exactly NVFlare's `Communicator.submit_update`. A push without a context of its own gets a
+//!   new context of the current session (stamped with the engine's ssid). NVFlare checks the
+//!   session nowhere else in the client job: aux requests and pull replies are not checked
+//!   (the server checks the cell header `ssid` that the wire layer adds).
+//! - **Return codes** of task replies: only the cell code counts, and it must be present. A
+//!   `get_task` or `submit_update` reply without `cn__return_code` is a failure (NVFlare reads
+//!   the header without a default there; its own cells always set it, so only a foreign peer can
+//!   omit it). The payload of a `submit_update` reply is not looked at: NVFlare's server job
+//!   answers with an empty string payload and `ok`, which is success, and a Shareable reply
+//!   without `__rc__` is success too. (Aux replies are different: there an absent cell code
+//!   means `ok`, as NVFlare's aux runner reads it with that default.)
+//! - **Hierarchical sites** pull from and push to their parent's job cell ([`config`]).
 //!
 //! # Concurrency: explicit in-flight state
 //!
@@ -33,11 +57,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{
-    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, MessageResult,
+    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, MessageResult, Recipient,
     ResponseActFuture, WrapFuture,
 };
 use fedrun_cell::{header, AbortSignal, CellHandle, CellMessage, Fqcn, SendRequest};
-use fedrun_core::constants::{channel, config_var, fl_ctx_key, header_key, task_header, topic};
+use fedrun_core::constants::{channel, event_type, fl_ctx_key, header_key, task_header, topic};
 use fedrun_core::peer_context::MASK_PRIVATE;
 use fedrun_core::{
     AppReturnCode, CellReturnCode, FlContext, Map, PeerContext, Shareable, TaskAssignment, Value,
@@ -45,102 +69,18 @@ use fedrun_core::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::EngineError;
+use crate::registry::FireEvent;
 use crate::run_info::{GetAbortSignal, NewContext, RunInfo, SetCurrentTask};
 
-/// The default communication timeout: NVFlare's `communication_timeout` (300 s).
-pub const DEFAULT_COMMUNICATION_TIMEOUT: Duration =
-    Duration::from_secs(config_var::COMMUNICATION_TIMEOUT_DEFAULT as u64);
+pub mod config;
+mod push;
 
-/// The default value of the `project_name` cell header on task traffic.
-pub const DEFAULT_PROJECT_NAME: &str = "fedrun";
+pub use push::SendTaskResult;
 
-/// The default mailbox capacity of the [`TaskFetcher`] actor.
-pub const DEFAULT_TASK_FETCHER_MAILBOX: usize = 64;
-
-/// What a [`TaskFetcher`] is built from.
-///
-/// # Example
-/// ```
-/// use std::time::Duration;
-/// use actix::Actor;
-/// use fedrun_cell::{Cell, Fqcn, Network};
-/// use fedrun_engine::{RunInfo, RunInfoConfig, TaskFetcherConfig};
-///
-/// actix::System::new().block_on(async {
-///     let run = RunInfo::new(RunInfoConfig::new("site-1", "job-1")).start();
-///     let cell = Cell::start(Fqcn::job_cell("site-1", "job-1").unwrap(), Network::new()).unwrap();
-///     let config = TaskFetcherConfig::new("site-1", "job-1", cell, run)
-///         .with_communication_timeout(Duration::from_secs(30));
-///     assert_eq!(config.parent_fqcn.as_str(), "server");
-///     assert_eq!(config.project_name, "fedrun");
-///     assert_eq!(config.communication_timeout, Duration::from_secs(30));
-/// });
-/// ```
-#[derive(Clone, Debug)]
-pub struct TaskFetcherConfig {
-    /// This site's name (for logs).
-    pub client_name: String,
-    /// The job this engine runs: the server job's cell is `<parent_fqcn>.<job_id>`.
-    pub job_id: String,
-    /// The job's cell: task traffic leaves from it.
-    pub cell: CellHandle,
-    /// The run: new contexts, the current task name and the abort signal.
-    pub run_info: Addr<RunInfo>,
-    /// The starting communication timeout (default 300 s); replies may raise it.
-    pub communication_timeout: Duration,
-    /// The cell of the parent whose job serves the tasks (default `server`).
-    pub parent_fqcn: Fqcn,
-    /// The `project_name` cell header (default `"fedrun"`).
-    pub project_name: String,
-    /// The actor's mailbox capacity.
-    pub mailbox_capacity: usize,
-}
-
-impl TaskFetcherConfig {
-    /// A config with the defaults: a 300 s communication timeout, parent `server`, project
-    /// `"fedrun"`, a mailbox of [`DEFAULT_TASK_FETCHER_MAILBOX`].
-    pub fn new(
-        client_name: impl Into<String>,
-        job_id: impl Into<String>,
-        cell: CellHandle,
-        run_info: Addr<RunInfo>,
-    ) -> Self {
-        TaskFetcherConfig {
-            client_name: client_name.into(),
-            job_id: job_id.into(),
-            cell,
-            run_info,
-            communication_timeout: DEFAULT_COMMUNICATION_TIMEOUT,
-            parent_fqcn: Fqcn::SERVER,
-            project_name: DEFAULT_PROJECT_NAME.to_owned(),
-            mailbox_capacity: DEFAULT_TASK_FETCHER_MAILBOX,
-        }
-    }
-
-    /// Sets the starting communication timeout.
-    pub fn with_communication_timeout(mut self, timeout: Duration) -> Self {
-        self.communication_timeout = timeout;
-        self
-    }
-
-    /// Sets the parent cell (the task server's job cell is `<parent>.<job_id>`).
-    pub fn with_parent_fqcn(mut self, parent: Fqcn) -> Self {
-        self.parent_fqcn = parent;
-        self
-    }
-
-    /// Sets the `project_name` cell header.
-    pub fn with_project_name(mut self, project_name: impl Into<String>) -> Self {
-        self.project_name = project_name.into();
-        self
-    }
-
-    /// Sets the mailbox capacity (at least 1).
-    pub fn with_mailbox_capacity(mut self, capacity: usize) -> Self {
-        self.mailbox_capacity = capacity;
-        self
-    }
-}
+pub use config::{
+    parent_site_name, TaskFetcherConfig, DEFAULT_COMMUNICATION_TIMEOUT, DEFAULT_PROJECT_NAME,
+    DEFAULT_TASK_FETCHER_MAILBOX,
+};
 
 /// The actor that pulls tasks from the server job and pushes their results (see the module doc).
 ///
@@ -174,7 +114,10 @@ impl TaskFetcherConfig {
 ///         .unwrap()
 ///         .start();
 ///     let pull = GetTaskAssignment { ctx: None, timeout: Some(Duration::from_secs(5)) };
-///     let task = fetcher.send(pull).await.unwrap().unwrap().expect("a task");
+///     let pulled = fetcher.send(pull).await.unwrap().unwrap();
+///     // The pull's context holds the server's peer context: process the task in it.
+///     assert!(pulled.ctx.peer_context().is_some());
+///     let task = pulled.task.expect("a task");
 ///     assert_eq!(task.name, "train");
 ///     assert_eq!(task.task_id.as_deref(), Some("t-1"));
 /// });
@@ -198,6 +141,10 @@ pub struct TaskFetcher {
     pull_gate: Arc<Semaphore>,
     /// The run's abort signal, fetched from [`RunInfo`] at start; it ends a waiting pull.
     abort: AbortSignal,
+    /// The job's session id (see the module doc).
+    ssid: Option<String>,
+    /// Where the pull events are fired.
+    events: Option<Recipient<FireEvent>>,
 }
 
 impl TaskFetcher {
@@ -225,6 +172,8 @@ impl TaskFetcher {
             pending_task_id: None,
             pull_gate: Arc::new(Semaphore::new(1)),
             abort: AbortSignal::new(),
+            ssid: config.ssid,
+            events: config.events,
         })
     }
 
@@ -299,10 +248,17 @@ impl TaskFetcher {
     fn apply_pull_reply(
         &mut self,
         reply: CellMessage,
-        mut ctx: FlContext,
+        ctx: &mut FlContext,
     ) -> Option<TaskAssignment> {
         let prefix = self.prefix();
-        let code = reply.return_code();
+        let Some(code) = reply.headers.return_code() else {
+            log::warn!(
+                "{prefix} get_task reply from {} has no cn__return_code; failed pull, will try \
+                 it again",
+                self.target
+            );
+            return None;
+        };
         if !code.is_ok() {
             let detail = reply.headers.error().unwrap_or("no detail");
             if code == CellReturnCode::AuthenticationError {
@@ -319,6 +275,10 @@ impl TaskFetcher {
             return None;
         };
         self.apply_min_timeout(&task);
+        // NVFlare stamps the session on every ok pull, special task names included.
+        if let Some(ssid) = &self.ssid {
+            ctx.put(fl_ctx_key::SSID, ssid.as_str(), true, false);
+        }
         let name = [task_header::TASK_NAME, header_key::TASK_NAME]
             .iter()
             .find_map(|k| task.header_or_none(k).and_then(Value::as_str))
@@ -345,6 +305,25 @@ impl TaskFetcher {
             log::debug!("{prefix} server answered {name}");
         }
         Some(assignment)
+    }
+
+    /// NVFlare's session check of `submit_update`: the context's `__ssid__` must equal the
+    /// engine's ssid (both absent counts as equal).
+    fn session_matches(&self, ctx: &FlContext) -> bool {
+        let in_ctx = match ctx.get_prop(fl_ctx_key::SSID) {
+            Some(Value::Str(s)) => Some(s),
+            _ => None,
+        };
+        if in_ctx.as_deref() == self.ssid.as_deref() {
+            return true;
+        }
+        log::warn!(
+            "{} submit_update request failed because SSID mismatch (context {in_ctx:?}, job \
+             session {:?})",
+            self.prefix(),
+            self.ssid
+        );
+        false
     }
 
     /// The `submit_update` request for `result` (the state's pending task is cleared).
@@ -476,18 +455,60 @@ async fn set_current_task(run_info: Addr<RunInfo>, name: Option<String>, prefix:
     }
 }
 
+/// Fires `event` on `ctx` through `events` and returns the context the handlers left; on a
+/// failure of the fan-out (too deep) the context is kept as it was and the failure logged.
+async fn fire_pull_event(
+    events: Option<Recipient<FireEvent>>,
+    event: &'static str,
+    ctx: FlContext,
+    prefix: &str,
+) -> FlContext {
+    let Some(events) = events else {
+        return ctx;
+    };
+    let fired = events.send(FireEvent {
+        event_type: event.to_owned(),
+        ctx: ctx.clone(),
+    });
+    match fired.await {
+        Ok(Ok(ctx)) => ctx,
+        Ok(Err(e)) => {
+            log::warn!("{prefix} event {event} not fired: {e}");
+            ctx
+        }
+        Err(e) => {
+            log::warn!("{prefix} event {event} not fired: the registry is gone ({e})");
+            ctx
+        }
+    }
+}
+
+/// The outcome of one pull: the assignment (or none) and the context the pull ran in.
+#[derive(Debug, Clone)]
+pub struct TaskPull {
+    /// The assignment; `None` for a failed pull (try again later).
+    pub task: Option<TaskAssignment>,
+    /// The pull's context, as `_after_pull_task`'s handlers left it: after a successful pull it
+    /// carries `__ssid__` (when the engine has a session id) and, when a task arrived, the
+    /// server's peer context (`__peer_ctx__`). Process the task in it and send its result with
+    /// it ([`SendTaskResult::with_ctx`]).
+    pub ctx: FlContext,
+}
+
 /// NVFlare's `get_task_assignment(fl_ctx, timeout)` (spec §1.3, §4.1): pulls one task.
 ///
-/// Replies `Ok(Some(task))` on a successful pull — a real task, or the special names
-/// `__try_again__` / `__end_run__` — and `Ok(None)` on a failed pull (any cell code but `ok`, a
-/// payload that is not a Shareable, a reply without a task name or peer context). A real task
-/// becomes the run's current task ([`SetCurrentTask`]). Its data carries the server's
-/// `__peer_ctx__` and, in `__peer_props__`, that context's public props.
+/// Replies a [`TaskPull`]: `task: Some(..)` on a successful pull — a real task, or the special
+/// names `__try_again__` / `__end_run__` — and `task: None` on a failed pull (any cell code but
+/// `ok`, no cell code, a payload that is not a Shareable, a reply without a task name or peer
+/// context); in both cases the pull's context. A real task becomes the run's current task
+/// ([`SetCurrentTask`]). Its data carries the server's `__peer_ctx__` and, in `__peer_props__`,
+/// that context's public props. `_before_pull_task` and `_after_pull_task` are fired around the
+/// pull when the fetcher has an event sink.
 ///
 /// Errors: [`EngineError::ActorGone`] when `ctx` is `None` and `RunInfo` is gone;
 /// [`EngineError::CellUnavailable`] when the job's own cell is stopped.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<TaskAssignment>, EngineError>")]
+#[rtype(result = "Result<TaskPull, EngineError>")]
 pub struct GetTaskAssignment {
     /// The context whose public props go to the server; `None`: a new context of the run.
     pub ctx: Option<FlContext>,
@@ -496,18 +517,25 @@ pub struct GetTaskAssignment {
 }
 
 impl Handler<GetTaskAssignment> for TaskFetcher {
-    type Result = ResponseActFuture<Self, Result<Option<TaskAssignment>, EngineError>>;
+    type Result = ResponseActFuture<Self, Result<TaskPull, EngineError>>;
 
     fn handle(&mut self, msg: GetTaskAssignment, _ctx: &mut Context<Self>) -> Self::Result {
         log::debug!("{} handles GetTaskAssignment", self.prefix());
         let gate = Arc::clone(&self.pull_gate);
         let run_info = self.run_info.clone();
+        let events = self.events.clone();
+        let prefix = self.prefix();
         let GetTaskAssignment { ctx, timeout } = msg;
         let admitted = async move {
             // The gate is never closed, so acquiring only fails if that changes; then the pull
             // runs ungated rather than not at all.
             let permit: Option<OwnedSemaphorePermit> = gate.acquire_owned().await.ok();
-            (permit, context_or_new(ctx, run_info).await)
+            let ctx = match context_or_new(ctx, run_info).await {
+                Ok(ctx) => ctx,
+                Err(e) => return (permit, Err(e)),
+            };
+            let ctx = fire_pull_event(events, event_type::BEFORE_PULL_TASK, ctx, &prefix).await;
+            (permit, Ok(ctx))
         };
         let pull = admitted
             .into_actor(self)
@@ -521,132 +549,33 @@ impl Handler<GetTaskAssignment> for TaskFetcher {
                 }
                 .into_actor(act)
                 .map(move |sent, act, _| {
-                    let (reply, ctx) = sent?;
+                    let (reply, mut ctx) = sent?;
                     let reply = reply.map_err(|e| act.cell_error(e.to_string()))?;
-                    let task = act.apply_pull_reply(reply, ctx);
+                    let task = act.apply_pull_reply(reply, &mut ctx);
                     // State updated: the next pull may start.
                     drop(permit);
-                    Ok(task)
+                    Ok::<_, EngineError>((task, ctx))
                 })
             })
             .then(|outcome, act, _| {
-                let real_task = match &outcome {
-                    Ok(Some(task)) if !task.is_try_again() && !task.is_end_run() => {
-                        Some(task.name.clone())
-                    }
-                    _ => None,
-                };
                 let run_info = act.run_info.clone();
+                let events = act.events.clone();
                 let prefix = act.prefix();
                 async move {
-                    if let Some(name) = real_task {
-                        set_current_task(run_info, Some(name), prefix).await;
+                    let (task, ctx) = outcome?;
+                    let ctx =
+                        fire_pull_event(events, event_type::AFTER_PULL_TASK, ctx, &prefix).await;
+                    if let Some(t) = task
+                        .as_ref()
+                        .filter(|t| !t.is_try_again() && !t.is_end_run())
+                    {
+                        set_current_task(run_info, Some(t.name.clone()), prefix).await;
                     }
-                    outcome
+                    Ok(TaskPull { task, ctx })
                 }
                 .into_actor(act)
             });
         Box::pin(pull)
-    }
-}
-
-/// NVFlare's `send_task_result(result, fl_ctx, timeout)` (spec §1.4, §4.2): pushes a result.
-///
-/// The result gets the header `__task_name__` (`task_name`, else its own header, else the
-/// context's `__task_name__` prop) and the context's public props as `__peer_ctx__`; it is sent
-/// `optional` when its return code is `TASK_ABORTED`; its `__msg_root_id__` / `__msg_root_ttl__`
-/// headers are copied to the cell headers. Replies `Ok(true)` only when the cell reply is `ok`;
-/// any other code is logged as an error and gives `Ok(false)`. The run's current task name is
-/// cleared either way.
-///
-/// Errors: [`EngineError::ActorGone`] when `ctx` is `None` and `RunInfo` is gone;
-/// [`EngineError::CellUnavailable`] when the job's own cell is stopped.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<bool, EngineError>")]
-pub struct SendTaskResult {
-    /// The task result.
-    pub result: Shareable,
-    /// The task's name; `None`: the result's `__task_name__` header.
-    pub task_name: Option<String>,
-    /// The context whose public props go to the server; `None`: a new context of the run.
-    pub ctx: Option<FlContext>,
-    /// The timeout; `None` (or zero): the communication timeout.
-    pub timeout: Option<Duration>,
-}
-
-impl SendTaskResult {
-    /// A push of `result` with no task name, context or timeout of its own.
-    pub fn new(result: Shareable) -> Self {
-        SendTaskResult {
-            result,
-            task_name: None,
-            ctx: None,
-            timeout: None,
-        }
-    }
-
-    /// Sets the timeout.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-
-    /// Sets the task name (it wins over the result's `__task_name__` header).
-    pub fn with_task_name(mut self, task_name: impl Into<String>) -> Self {
-        self.task_name = Some(task_name.into());
-        self
-    }
-
-    /// Sets the context whose public props go to the server.
-    pub fn with_ctx(mut self, ctx: FlContext) -> Self {
-        self.ctx = Some(ctx);
-        self
-    }
-}
-
-impl Handler<SendTaskResult> for TaskFetcher {
-    type Result = ResponseActFuture<Self, Result<bool, EngineError>>;
-
-    fn handle(&mut self, msg: SendTaskResult, _ctx: &mut Context<Self>) -> Self::Result {
-        log::debug!("{} handles SendTaskResult", self.prefix());
-        let SendTaskResult {
-            result,
-            task_name,
-            ctx,
-            timeout,
-        } = msg;
-        let run_info = self.run_info.clone();
-        let push = async move { context_or_new(ctx, run_info).await }
-            .into_actor(self)
-            .then(move |ctx, act, _| {
-                let request = ctx.map(|ctx| act.push_request(result, task_name, &ctx, timeout));
-                let cell = act.cell.clone();
-                let cell_name = cell.fqcn().to_string();
-                let run_info = act.run_info.clone();
-                let prefix = act.prefix();
-                async move {
-                    let request = request?;
-                    let reply = cell.send_request(request).await;
-                    set_current_task(run_info, None, prefix.clone()).await;
-                    let reply = reply.map_err(|e| EngineError::CellUnavailable {
-                        fqcn: cell_name,
-                        reason: e.to_string(),
-                    })?;
-                    let code = reply.return_code();
-                    if code.is_ok() {
-                        log::debug!("{prefix} task result sent");
-                        Ok(true)
-                    } else {
-                        log::error!(
-                            "{prefix} failed to send task result: {code} ({})",
-                            reply.headers.error().unwrap_or("no detail")
-                        );
-                        Ok(false)
-                    }
-                }
-                .into_actor(act)
-            });
-        Box::pin(push)
     }
 }
 
