@@ -22,6 +22,7 @@ use crate::aux::{
     SendAuxRequest, ValidateTargets,
 };
 use crate::component::{ComponentRef, EventHandler};
+use crate::download::{ArrayResolver, DownloadConfig, DownloadService};
 use crate::error::EngineError;
 use crate::facade::{AbortApp, ClientRunManager, EngineActors, StopEngine};
 use crate::registry::{
@@ -53,6 +54,9 @@ impl ClientEngine {
             check_run_mismatch: false,
             communication_timeout: DEFAULT_COMMUNICATION_TIMEOUT,
             ssid: None,
+            project_name: None,
+            download: DownloadConfig::default(),
+            offer_results: false,
         }
     }
 }
@@ -77,6 +81,9 @@ pub struct ClientEngineBuilder {
     check_run_mismatch: bool,
     communication_timeout: Duration,
     ssid: Option<String>,
+    project_name: Option<String>,
+    download: DownloadConfig,
+    offer_results: bool,
 }
 
 impl ClientEngineBuilder {
@@ -129,6 +136,25 @@ impl ClientEngineBuilder {
         self
     }
 
+    /// The project name task requests carry (the startup kit's `servers[0].name`; default
+    /// `"fedrun"`). NVFlare's server job does not check it.
+    pub fn project_name(mut self, name: impl Into<String>) -> Self {
+        self.project_name = Some(name.into());
+        self
+    }
+
+    /// Task results leave with their arrays as NVFlare numpy download references served by
+    /// this engine in items of about `chunk_size` bytes (the job's `np_download_chunk_size`); 0
+    /// (the default) keeps arrays inline. References in what the engine *receives* are always
+    /// resolved (downloaded from their producer before a handler or a requester sees them).
+    pub fn np_download_chunk_size(mut self, chunk_size: usize) -> Self {
+        self.offer_results = chunk_size > 0;
+        if chunk_size > 0 {
+            self.download.chunk_size = chunk_size;
+        }
+        self
+    }
+
     /// Start the engine on the in-process `network`: its cell is `<client_name>.<job_id>`.
     pub async fn start(self, network: &Network) -> Result<EngineHandle, EngineError> {
         self.start_on(network.clone()).await
@@ -150,6 +176,15 @@ impl ClientEngineBuilder {
         })?;
         let cell =
             Cell::start(fqcn.clone(), transport).map_err(|e| EngineError::CellUnavailable {
+                fqcn: fqcn.to_string(),
+                reason: e.to_string(),
+            })?;
+        // NVFlare's numpy download references in anything this cell receives are resolved
+        // before a handler or a requester sees the message.
+        let resolver = ArrayResolver::new(cell.clone(), &site, &job_id, self.download.clone());
+        cell.set_payload_resolver(Some(Arc::new(resolver)))
+            .await
+            .map_err(|e| EngineError::CellUnavailable {
                 fqcn: fqcn.to_string(),
                 reason: e.to_string(),
             })?;
@@ -196,6 +231,18 @@ impl ClientEngineBuilder {
         }
         if let Some(ssid) = &self.ssid {
             task_config = task_config.with_ssid(ssid.as_str());
+        }
+        if let Some(project) = &self.project_name {
+            task_config = task_config.with_project_name(project.as_str());
+        }
+        if self.offer_results {
+            let downloads = DownloadService::start(&cell, &site, &job_id, &self.download)
+                .await
+                .map_err(|e| EngineError::CellUnavailable {
+                    fqcn: fqcn.to_string(),
+                    reason: e.to_string(),
+                })?;
+            task_config = task_config.with_downloads(downloads);
         }
         let task = TaskFetcher::new(task_config)?.start();
         let info = InfoCollector::new(&site, &job_id, &run_info, &registry);

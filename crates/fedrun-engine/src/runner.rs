@@ -121,6 +121,13 @@ pub struct RunnerConfig {
     /// How long a task whose model is streamed ([`MODEL_STREAM_HEADER`]) waits for the stream
     /// to complete (300 s).
     pub model_stream_timeout: Duration,
+    /// Once a task has been done, how long task pulls may fail in a row before the runner
+    /// concludes that the server job is gone and ends the run as if it had said `__end_run__`
+    /// (`None`, the default: never; NVFlare's runner keeps pulling). A server job ends by
+    /// telling its clients `__end_run__`, but a client that pulls between the server job's exit
+    /// and that message only ever gets "cannot forward" back; without this it would hold the
+    /// job open until the deployment's client-outcome timeout (15 minutes by default).
+    pub end_run_after_failed_pulls: Option<Duration>,
 }
 
 impl Default for RunnerConfig {
@@ -136,6 +143,7 @@ impl Default for RunnerConfig {
             submit_task_result_timeout: None,
             task_abort_grace: Duration::from_secs(5),
             model_stream_timeout: Duration::from_secs(300),
+            end_run_after_failed_pulls: None,
         }
     }
 }
@@ -761,12 +769,33 @@ impl Shared {
 
     /// The task loop; returns only when the runner stops or the engine is gone.
     async fn task_loop(&self) -> Option<RunEnd> {
+        // When pulls started failing in a row (after a task was done): the server-gone check.
+        let mut failing_since: Option<Instant> = None;
         while !self.stop.is_triggered() {
             let fetched = tokio::select! {
                 biased;
                 _ = self.stop.triggered() => break,
                 t = self.engine.pull_task(None, self.config.get_task_timeout) => t,
             };
+            let failed = matches!(fetched, Err(_) | Ok(TaskPull { task: None, .. }));
+            if !failed {
+                failing_since = None;
+            } else if let (Some(limit), true) = (
+                self.config.end_run_after_failed_pulls,
+                self.tasks_done.load(Ordering::SeqCst) > 0,
+            ) {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= limit {
+                    log::warn!(
+                        "{} the server job has not answered a task pull for {:.1} s after the \
+                         last task: it is gone, ending the run",
+                        self.prefix,
+                        since.elapsed().as_secs_f64()
+                    );
+                    self.request_stop(RunEnd::EndRun);
+                    break;
+                }
+            }
             let interval = match fetched {
                 Err(e @ EngineError::ActorGone { .. }) => {
                     log::error!("{} cannot fetch tasks: {e}", self.prefix);

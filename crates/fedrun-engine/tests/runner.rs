@@ -53,6 +53,7 @@ fn fast() -> RunnerConfig {
         submit_task_result_timeout: None,
         task_abort_grace: Duration::from_secs(3),
         model_stream_timeout: Duration::from_secs(5),
+        end_run_after_failed_pulls: None,
     }
 }
 
@@ -81,6 +82,9 @@ struct ServerState {
     unknown_tasks: HashSet<String>,
     /// Fail this many `submit_update` first (cell code `process_exception`).
     submit_failures: usize,
+    /// Once `get_task` is empty, fail every pull (as a server root answers "cannot forward"
+    /// once the server job is gone) instead of answering `__try_again__`.
+    gone_when_empty: bool,
 }
 
 struct FakeServer {
@@ -97,10 +101,16 @@ impl FakeServer {
         let (st, t) = (Arc::clone(&state), tx.clone());
         let get_task = request_handler(move |_msg: CellMessage| {
             let _ = t.send(Seen::GetTask { at: Instant::now() });
-            let reply = st.lock().unwrap().get_task.pop_front();
+            let (reply, gone) = {
+                let mut s = st.lock().unwrap();
+                (s.get_task.pop_front(), s.gone_when_empty)
+            };
             async move {
-                let reply = reply.unwrap_or_else(|| try_again(0.01));
-                Ok(Some(CellMessage::new(reply)))
+                match reply {
+                    Some(reply) => Ok(Some(CellMessage::new(reply))),
+                    None if gone => Err(HandlerError::Other("cannot forward".into())),
+                    None => Ok(Some(CellMessage::new(try_again(0.01)))),
+                }
             }
         });
         cell.register_request_handler(channel::SERVER_COMMAND, topic::GET_TASK, get_task)
@@ -823,6 +833,75 @@ async fn end_run_aux_from_the_server_ends_the_loop() {
     let fired = client.fired();
     assert!(!names(&fired).contains(&event_type::ABORT_TASK));
     assert_eq!(run_events(&fired).last(), Some(&event_type::END_RUN));
+}
+
+#[actix::test]
+async fn a_server_job_gone_after_the_last_task_ends_the_run_when_failed_pulls_are_bounded() {
+    let net = Network::new();
+    let state = ServerState {
+        get_task: VecDeque::from([task("train", "t1", 2)]),
+        gone_when_empty: true,
+        ..ServerState::default()
+    };
+    let mut server = FakeServer::start(&net, state).await;
+    let client = Client::start(&net).await;
+    let config = RunnerConfig {
+        end_run_after_failed_pulls: Some(Duration::from_millis(200)),
+        ..fast()
+    };
+    let runner = ClientRunner::new(
+        client.engine.clone(),
+        router(&["train"], multiplier(1)),
+        config,
+    );
+    let outcome = within(runner.run()).await.unwrap();
+    assert_eq!(outcome.ended_by, RunEnd::EndRun);
+    assert_eq!((outcome.tasks_done, outcome.results_sent), (1, 1));
+    let pulls_after = server
+        .drain()
+        .iter()
+        .filter(|s| matches!(s, Seen::GetTask { .. }))
+        .count();
+    assert!(
+        pulls_after >= 2,
+        "it kept pulling for a while first: {pulls_after}"
+    );
+}
+
+#[actix::test]
+async fn failed_pulls_before_any_task_never_end_the_run() {
+    let net = Network::new();
+    let state = ServerState {
+        gone_when_empty: true,
+        ..ServerState::default()
+    };
+    let mut server = FakeServer::start(&net, state).await;
+    let client = Client::start(&net).await;
+    let config = RunnerConfig {
+        end_run_after_failed_pulls: Some(Duration::from_millis(50)),
+        ..fast()
+    };
+    let runner = ClientRunner::new(
+        client.engine.clone(),
+        router(&["train"], multiplier(1)),
+        config,
+    );
+    let control = runner.control();
+    let run = runner.spawn();
+    // far more failed pulls than the limit allows, and the run still goes on
+    let mut failed = 0;
+    while failed < 30 {
+        server
+            .wait_for(|s| matches!(s, Seen::GetTask { .. }).then_some(()))
+            .await;
+        failed += 1;
+    }
+    assert!(
+        !run.is_finished(),
+        "a server job that never answered is not 'gone'"
+    );
+    control.end_run();
+    assert_eq!(within(run).await.unwrap().unwrap().tasks_done, 0);
 }
 
 #[actix::test]

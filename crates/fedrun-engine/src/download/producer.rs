@@ -204,6 +204,14 @@ pub struct DownloadHandle {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for DownloadHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DownloadHandle")
+            .field("fqcn", &self.shared.fqcn)
+            .finish_non_exhaustive()
+    }
+}
+
 impl DownloadService {
     /// Registers the download handler on `cell` (channel `download_service__`, topic
     /// `download_service__download`) and starts the idle sweeper (it ends when the last handle

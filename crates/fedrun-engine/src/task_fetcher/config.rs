@@ -92,6 +92,10 @@ pub struct TaskFetcherConfig {
     pub events: Option<Recipient<FireEvent>>,
     /// The actor's mailbox capacity.
     pub mailbox_capacity: usize,
+    /// Where result arrays are offered for download (NVFlare's numpy download references,
+    /// when the job's client config sets `np_download_chunk_size` > 0); `None`: results carry
+    /// their arrays inline, which NVFlare's server always accepts.
+    pub downloads: Option<crate::download::DownloadHandle>,
 }
 
 impl TaskFetcherConfig {
@@ -114,7 +118,14 @@ impl TaskFetcherConfig {
             ssid: None,
             events: None,
             mailbox_capacity: DEFAULT_TASK_FETCHER_MAILBOX,
+            downloads: None,
         }
+    }
+
+    /// Results leave with their arrays as download references served by `downloads`.
+    pub fn with_downloads(mut self, downloads: crate::download::DownloadHandle) -> Self {
+        self.downloads = Some(downloads);
+        self
     }
 
     /// Sets the starting communication timeout.

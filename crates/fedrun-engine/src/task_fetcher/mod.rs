@@ -145,6 +145,8 @@ pub struct TaskFetcher {
     ssid: Option<String>,
     /// Where the pull events are fired.
     events: Option<Recipient<FireEvent>>,
+    /// Where result arrays are offered for download, if results carry references.
+    downloads: Option<crate::download::DownloadHandle>,
 }
 
 impl TaskFetcher {
@@ -174,6 +176,7 @@ impl TaskFetcher {
             abort: AbortSignal::new(),
             ssid: config.ssid,
             events: config.events,
+            downloads: config.downloads,
         })
     }
 
@@ -363,8 +366,12 @@ impl TaskFetcher {
             .header_or_none(header_key::MSG_ROOT_TTL)
             .filter(|v| v.as_f64().is_some_and(|t| t > 0.0))
             .cloned();
+        let refs = self.downloads.as_ref().and_then(|d| d.offer(&mut result));
         let mut message = CellMessage::new(result)
             .with_header(task_header::PROJECT_NAME, self.project_name.as_str());
+        if let Some(refs) = refs {
+            message.headers.insert(header::DOWNLOAD_REFS, refs);
+        }
         if let Some(id) = root_id {
             message.headers.insert(header::MSG_ROOT_ID, id);
         }
