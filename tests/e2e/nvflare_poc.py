@@ -249,9 +249,11 @@ def install_launcher(kit, site, cj_command, cj_env, opt_in_key, record_dir):
     write_json(os.path.join(local, "resources.json"), res)
 
 
-def write_job(jobs_dir, name, sleep_time, np_download_chunk_size, opt_in_key):
+def write_job(jobs_dir, name, sleep_time, np_download_chunk_size, opt_in_key, num_rounds=NUM_ROUNDS,
+              persistor_args=None, train_timeout=60):
     """A copy of NVFlare's hello-numpy-sag job: ScatterAndGather over NPTrainer (+1 per round) and
-    NPModelPersistor (initial [[1,2,3],[4,5,6],[7,8,9]]), 2 rounds, 2 clients."""
+    NPModelPersistor (initial [[1,2,3],[4,5,6],[7,8,9]]), 2 rounds, 2 clients. The keyword
+    arguments exist for the benchmark (more rounds, a big initial model, a longer timeout)."""
     job = os.path.join(jobs_dir, name)
     cfg = os.path.join(job, "app", "config")
     os.makedirs(cfg, exist_ok=True)
@@ -274,19 +276,20 @@ def write_job(jobs_dir, name, sleep_time, np_download_chunk_size, opt_in_key):
                 "path": "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather",
                 "args": {
                     "min_clients": 2,
-                    "num_rounds": NUM_ROUNDS,
+                    "num_rounds": num_rounds,
                     "start_round": 0,
                     "wait_time_after_min_received": 0,
                     "aggregator_id": "aggregator",
                     "persistor_id": "persistor",
                     "shareable_generator_id": "shareable_generator",
                     "train_task_name": "train",
-                    "train_timeout": 60,
+                    "train_timeout": train_timeout,
                 },
             }
         ],
         "components": [
-            {"id": "persistor", "path": "nvflare.app_common.np.np_model_persistor.NPModelPersistor", "args": {}},
+            {"id": "persistor", "path": "nvflare.app_common.np.np_model_persistor.NPModelPersistor",
+             "args": dict(persistor_args or {})},
             {
                 "id": "shareable_generator",
                 "path": "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator",
@@ -352,29 +355,38 @@ def wait_for(what, predicate, deadline, procs=(), poll=0.2):
 # The run
 
 
-def run(args, scratch, procs, result):
-    t0 = time.monotonic()
-    deadline = t0 + args.timeout
-    timings = result["timings"]
-    python = args.python
+class Poc:
+    """A running POC: the kit, its logs, the processes and an admin session."""
 
-    kit, port = prepare_kit(scratch, python, args.mode)
-    result["kit"] = kit
-    result["port"] = port
+    def __init__(self, kit, port, logs, server_log, site_logs, all_procs, session, record_dir):
+        self.kit = kit
+        self.port = port
+        self.logs = logs
+        self.server_log = server_log
+        self.site_logs = site_logs
+        self.all_procs = all_procs
+        self.session = session
+        self.record_dir = record_dir
+
+
+def start_poc(scratch, procs, python, mode, cj_command, cj_env, opt_in_key, deadline, timings):
+    """Prepare the kit, install the launcher on site-1, start server and both CPs, wait until both
+    clients are registered, open an admin session. Returns a `Poc`."""
+    t0 = time.monotonic()
+    kit, port = prepare_kit(scratch, python, mode)
     record_dir = os.path.join(scratch, "launch-records")
-    cj_env = dict(args.cj_env)
-    if args.mode == "default":
+    cj_env = dict(cj_env)
+    if mode == "default":
         # A tcp-only CJ cannot speak the kit's http+mTLS: make it reach the server through its
         # parent (the CP relays), as NVFlare's relay kits do. fedrun's CJ does this by itself.
         cj_env.setdefault("NVFLARE_BACKBONE_CONN_GEN", "1")
-    install_launcher(kit, FEDRUN_SITE, args.cj_command, cj_env, args.opt_in_key, record_dir)
+    install_launcher(kit, FEDRUN_SITE, cj_command, cj_env, opt_in_key, record_dir)
     timings["prepare"] = round(time.monotonic() - t0, 2)
 
     logs = os.path.join(scratch, "logs")
     os.makedirs(logs, exist_ok=True)
     env = dict(os.environ, HOME=os.path.join(scratch, "home"), PYTHONUNBUFFERED="1")
-    for k in ("NVFLARE_POC_WORKSPACE",):
-        env.pop(k, None)
+    env.pop("NVFLARE_POC_WORKSPACE", None)
 
     server_log = os.path.join(logs, "server.log")
     server = procs.start(
@@ -393,7 +405,6 @@ def run(args, scratch, procs, result):
              "-s", "fed_client.json", "--set", "secure_train=true", f"uid={site}", "org=nvidia", "config_folder=config"],
             cwd=os.path.join(kit, site), env=env, log_path=site_logs[site],
         )))
-    result["logs"] = logs
     all_procs = [("server", server)] + clients
     wait_for("server start", lambda: "Server started" in read_text(server_log), deadline, all_procs)
     for site in SITES:
@@ -408,10 +419,26 @@ def run(args, scratch, procs, result):
         # Both clients must be known to the server before a 2-client job can be scheduled.
         def both_clients():
             info = sess.get_system_info()
-            names = {c.name for c in info.client_info}
-            return set(SITES) <= names
-        wait_for("both clients in the server's client list", both_clients, deadline, all_procs, poll=0.5)
+            return set(SITES) <= {c.name for c in info.client_info}
 
+        wait_for("both clients in the server's client list", both_clients, deadline, all_procs, poll=0.5)
+    except BaseException:
+        sess_close(sess)
+        raise
+    return Poc(kit, port, logs, server_log, site_logs, all_procs, sess, record_dir)
+
+
+def run(args, scratch, procs, result):
+    t0 = time.monotonic()
+    deadline = t0 + args.timeout
+    timings = result["timings"]
+    poc = start_poc(scratch, procs, args.python, args.mode, args.cj_command, args.cj_env, args.opt_in_key,
+                    deadline, timings)
+    kit, server_log, site_logs, all_procs, sess = poc.kit, poc.server_log, poc.site_logs, poc.all_procs, poc.session
+    result["kit"] = kit
+    result["port"] = poc.port
+    result["logs"] = poc.logs
+    try:
         sleep_time = args.sleep_time if args.sleep_time is not None else (30 if args.scenario == "abort" else 0)
         job_dir = write_job(os.path.join(scratch, "jobs"), "hello-numpy", sleep_time, args.np_download_chunk_size,
                             args.opt_in_key)
