@@ -114,7 +114,9 @@ impl Drop for Harness {
 fn run_scenario(label: &str, args: &[&str]) -> Option<Json> {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Ok(python) = std::env::var(PYTHON_ENV) else {
-        eprintln!("SKIP nvflare_job {label}: {PYTHON_ENV} is not set (a Python with nvflare 2.9.0)");
+        eprintln!(
+            "SKIP nvflare_job {label}: {PYTHON_ENV} is not set (a Python with nvflare 2.9.0)"
+        );
         return None;
     };
     let cj = cj_command()?;
@@ -169,24 +171,40 @@ fn run_scenario(label: &str, args: &[&str]) -> Option<Json> {
         result["timings"]
     );
     assert_eq!(
-        result["result"], "PASS",
+        result["result"],
+        "PASS",
         "{label}: harness failed ({status}); errors {}; scratch dir kept at {}\nstderr tail:\n{}",
-        result["errors"], result["kept_dir"], tail(&err)
+        result["errors"],
+        result["kept_dir"],
+        tail(&err)
     );
-    assert!(status.success(), "{label}: PASS but harness exit status {status}");
+    assert!(
+        status.success(),
+        "{label}: PASS but harness exit status {status}"
+    );
     Some(result)
 }
 
 fn tail(text: &str) -> &str {
     let start = text.len().saturating_sub(4000);
-    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
     &text[start..]
 }
 
 /// Site-1's CJ ended by itself with exit status 0 and the CP reported RC 0 for both sites.
 fn assert_clean_exits(label: &str, result: &Json) {
-    assert_eq!(result["cj_rc"]["site-1"], 0, "{label}: site-1 RC {}", result["cj_rc"]);
-    assert_eq!(result["cj_rc"]["site-2"], 0, "{label}: site-2 RC {}", result["cj_rc"]);
+    assert_eq!(
+        result["cj_rc"]["site-1"], 0,
+        "{label}: site-1 RC {}",
+        result["cj_rc"]
+    );
+    assert_eq!(
+        result["cj_rc"]["site-2"], 0,
+        "{label}: site-2 RC {}",
+        result["cj_rc"]
+    );
 }
 
 /// The job completed, every site's result was accepted in both rounds, and the final global
@@ -200,7 +218,11 @@ fn assert_completed(label: &str, result: &Json) {
         .iter()
         .filter_map(Json::as_str)
         .collect();
-    assert_eq!(accepted, ["site-1@0", "site-1@1", "site-2@0", "site-2@1"], "{label}");
+    assert_eq!(
+        accepted,
+        ["site-1@0", "site-1@1", "site-2@0", "site-2@1"],
+        "{label}"
+    );
     assert_eq!(
         result["model"],
         serde_json::json!([[3.0, 4.0, 5.0], [6.0, 7.0, 8.0], [9.0, 10.0, 11.0]]),
