@@ -23,7 +23,9 @@
 //! On top of the engine, the job's own work: [`executor`] (the [`Executor`] trait and the
 //! [`TaskRouter`] from task names to executors), [`job_config`] (the client app's
 //! `config_fed_client.json`, built into components and a router) and [`runner`] (the
-//! [`ClientRunner`] task loop: fetch, execute, check, send, until the run ends).
+//! [`ClientRunner`] task loop: fetch, execute, check, send, until the run ends). [`np`] has
+//! NVFlare's numpy example executors (`NPTrainer`, `NPValidator`) under their NVFlare class
+//! paths, so NVFlare's hello-numpy jobs run unchanged.
 //!
 //! # Example: an engine inside your own actix System
 //! ```
@@ -62,6 +64,7 @@ pub mod executor;
 pub mod facade;
 pub mod handle;
 pub mod job_config;
+pub mod np;
 pub mod registry;
 pub mod run_info;
 pub mod runner;
