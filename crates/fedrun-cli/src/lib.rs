@@ -48,6 +48,7 @@
 pub mod client_cmd;
 pub mod error;
 pub mod factories;
+pub mod hocon;
 pub mod job;
 pub mod logreg;
 pub mod output;
