@@ -430,7 +430,9 @@ impl Parser {
         }
         let mut s = String::new();
         loop {
-            if self.peek() == Some('"') && self.peek_at(1) == Some('"') && self.peek_at(2) == Some('"')
+            if self.peek() == Some('"')
+                && self.peek_at(1) == Some('"')
+                && self.peek_at(2) == Some('"')
             {
                 // extra quotes before the closing three belong to the string
                 while self.peek_at(3) == Some('"') {
@@ -525,7 +527,9 @@ impl Resolver<'_> {
                         Piece::Subst { path, optional } => match self.lookup(path, depth)? {
                             Some(v) => values.push(v),
                             None if *optional => {}
-                            None => return Err(fail(format!("unresolved substitution ${{{path}}}"))),
+                            None => {
+                                return Err(fail(format!("unresolved substitution ${{{path}}}")))
+                            }
                         },
                     }
                 }
