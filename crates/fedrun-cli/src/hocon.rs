@@ -57,7 +57,7 @@ enum Piece {
 /// use fedrun_cli::hocon::parse;
 ///
 /// let conf = r#"
-///   # a comment
+///   // a comment (rustdoc would hide a line starting with '#')
 ///   format_version = 2
 ///   rounds: 3
 ///   workflows = [
