@@ -6,12 +6,19 @@
 //! the server [`ZERO_MODEL_PERSISTOR_CLASS`], an `.npy` persistor whose first model is all
 //! zeros with the shapes the config gives — so a job can start from scratch without shipping a
 //! model file. Users and tests add their own classes through [`SiteFactory`] lists.
+//!
+//! Every client job — simulated, or deployed by NVFlare's client parent (`fedrun job`) — gets
+//! the same built-in client classes from [`register_builtin_client_factories`]: NVFlare's numpy
+//! executors ([`fedrun_engine::np`]) and the logistic-regression trainer.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use fedrun_core::NdArray;
-use fedrun_engine::{factory, BuildArgs, ComponentFactory};
+use fedrun_engine::np::np_factories;
+use fedrun_engine::{
+    factory, BuildArgs, ComponentFactory, EngineError, EngineHandle, RegisterComponentFactory,
+};
 use fedrun_server::{ModelWeights, NpyPersistor, ServerFactories, SharedPersistor};
 use serde_json::Value as Json;
 
@@ -23,6 +30,39 @@ pub const ZERO_MODEL_PERSISTOR_SHORT: &str = "ZeroModelPersistor";
 /// Makes the factory of one client site (the site name is its argument), so that what it builds
 /// can depend on the site — e.g. each site's own data.
 pub type SiteFactory = Arc<dyn Fn(&str) -> ComponentFactory + Send + Sync>;
+
+/// The client classes every fedrun client job can build, by the names configs use: NVFlare's
+/// numpy executors (class paths) and the logistic-regression trainer (class path and short
+/// name). Short names of the numpy classes (`NPTrainer`) resolve through the registry's
+/// last-segment lookup.
+///
+/// # Example
+/// ```
+/// let classes = fedrun_cli::factories::builtin_client_classes();
+/// assert!(classes.iter().any(|c| c == "nvflare.app_common.np.np_trainer.NPTrainer"));
+/// ```
+pub fn builtin_client_classes() -> Vec<String> {
+    let mut classes: Vec<String> = np_factories(".").into_iter().map(|(c, _)| c).collect();
+    classes.push(crate::trainer::LOGREG_TRAINER_CLASS.to_owned());
+    classes.push(crate::trainer::LOGREG_TRAINER_SHORT.to_owned());
+    classes
+}
+
+/// Registers the built-in client classes ([`builtin_client_classes`]) on a client engine.
+///
+/// `run_dir` is the job's run directory at this site (NVFlare's `<workspace>/<job_id>`; the
+/// simulator gives each site `<workspace>/<site>`): `NPTrainer` keeps its local model there.
+pub async fn register_builtin_client_factories(
+    engine: &EngineHandle,
+    run_dir: &Path,
+) -> Result<(), EngineError> {
+    for (class, factory) in np_factories(run_dir) {
+        engine
+            .send(RegisterComponentFactory { class, factory })
+            .await??;
+    }
+    crate::trainer::register_logreg_factories(engine).await
+}
 
 /// The zero model an [`args`](BuildArgs::args) object describes: `arrays` maps each array name
 /// to its shape (a list of sizes); every array is `float32` zeros.

@@ -24,6 +24,9 @@
 //!   loopback TCP (`fedrun simulate --transport tcp`).
 //! - [`server_cmd`] and [`client_cmd`]: `fedrun server` and `fedrun client`, the server job and
 //!   one client job as separate processes talking over TCP.
+//! - [`deployed`]: [`DeployedJob`](deployed::DeployedJob), a job as NVFlare's client parent
+//!   deploys it into a site's workspace, loaded for `fedrun job`; with [`hocon`] (NVFlare's
+//!   `.conf` configs) and [`config_vars`] (NVFlare's `{var}` references).
 //! - [`error`] holds [`CliError`], the crate's one error type.
 //!
 //! # Example: two sites, one round of the built-in job
@@ -46,8 +49,11 @@
 //! ```
 
 pub mod client_cmd;
+pub mod config_vars;
+pub mod deployed;
 pub mod error;
 pub mod factories;
+pub mod hocon;
 pub mod job;
 pub mod logreg;
 pub mod output;

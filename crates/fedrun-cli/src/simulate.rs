@@ -48,10 +48,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::error::CliError;
-use crate::factories::{server_factories, SiteFactory};
+use crate::factories::{register_builtin_client_factories, server_factories, SiteFactory};
 use crate::job::JobDefinition;
 use crate::output::{write_metrics, write_model, RoundRecord};
-use crate::trainer::{register_logreg_factories, META_ACCURACY, META_LOSS};
+use crate::trainer::{META_ACCURACY, META_LOSS};
 use crate::transport::{SimNetwork, TransportKind};
 
 /// The default number of client sites.
@@ -148,8 +148,10 @@ pub struct SimulationSetup {
     pub workspace: PathBuf,
     /// Polling and deadlines.
     pub timing: Timing,
-    /// Extra client component classes (on top of the engine's and the
-    /// [`LogRegTrainer`](crate::trainer::LogRegTrainer)), by class.
+    /// Extra client component classes (on top of the built-in ones of
+    /// [`register_builtin_client_factories`]: NVFlare's numpy executors, whose local models go
+    /// to `<workspace>/<site>`, and the [`LogRegTrainer`](crate::trainer::LogRegTrainer)), by
+    /// class; an extra class replaces a built-in one of the same name.
     pub client_factories: Vec<(String, SiteFactory)>,
     /// Extra server component classes (on top of the server crate's and
     /// [`ZeroModelPersistor`](crate::factories::ZERO_MODEL_PERSISTOR_CLASS)), by class.
@@ -875,7 +877,7 @@ pub(crate) async fn start_client(
         .await
         .map_err(engine_err)?;
     let prepared = async {
-        register_logreg_factories(&engine).await?;
+        register_builtin_client_factories(&engine, &setup.workspace.join(site)).await?;
         for (class, make) in &setup.client_factories {
             engine
                 .send(RegisterComponentFactory {

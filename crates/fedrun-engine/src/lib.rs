@@ -27,6 +27,8 @@
 //! built-in client widgets live in [`widgets`]: the [`InfoCollector`] (`show_stats`,
 //! `show_errors`, `reset_errors`) and the [`FedEventRunner`] (fed events to and from the server
 //! job), both registered by [`ClientEngine::builder`] and reachable through `get_widget`.
+//! [`np`] has NVFlare's numpy example executors (`NPTrainer`, `NPValidator`) under their NVFlare
+//! class paths, so NVFlare's hello-numpy jobs run unchanged.
 //!
 //! # Example: an engine inside your own actix System
 //! ```
@@ -66,6 +68,7 @@ pub mod executor;
 pub mod facade;
 pub mod handle;
 pub mod job_config;
+pub mod np;
 pub mod registry;
 pub mod run_info;
 pub mod runner;

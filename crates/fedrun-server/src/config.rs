@@ -14,7 +14,7 @@
 //! | [`SAG_CLASS`] | [`ScatterAndGather`] | `min_clients` (1000, NVFlare's default), `num_rounds` (5), `start_round` (0), `wait_time_after_min_received` (0), `aggregator_id` (`aggregator`), `persistor_id` (`persistor`), `shareable_generator_id` (`shareable_generator`), `train_task_name` (`train`), `train_timeout` (0 = none), `persist_every_n_rounds` (1), `stream_threshold` (64 MiB; fedrun's, 0 = never stream) |
 //! | [`INTIME_AGGREGATOR_CLASS`] | [`FedAvg`] | `expected_data_kind` (`WEIGHT_DIFF`, NVFlare's default), `aggregation_weights` ({}), `weigh_by_local_iter` (true) |
 //! | [`NPY_PERSISTOR_CLASS`] | [`NpyPersistor`] | `dir` (`models`), `initial_model` (a model directory; default: the model saved in `dir`) |
-//! | [`NP_MODEL_PERSISTOR_CLASS`] | [`NpyPersistor`] | `model_dir` (`models`), `model_name` (`server.npy`): NVFlare's numpy persistor; starts from `model_dir/model_name` as array `numpy_key`, else from NVFlare's 3×3 `float32` default |
+//! | [`NP_MODEL_PERSISTOR_CLASS`] | [`NpModelPersistor`] | `model_dir` (`models`), `model_name` (`server.npy`), `model` (a nested list), `source_ckpt_file_full_name`: NVFlare's numpy persistor, NVFlare's file layout (one `.npy` of array `numpy_key` at `model_dir/model_name`) and first-model order |
 //! | [`FULL_MODEL_GENERATOR_CLASS`] | [`FullModelShareableGenerator`] | none (the scatter-and-gather already sends full models) |
 //!
 //! Relative paths are resolved against [`ServerFactories::new`]'s base directory (normally the
@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
-use fedrun_core::{DataKind, NdArray};
+use fedrun_core::DataKind;
 use fedrun_engine::{
     factory, AddComponent, BuildArgs, BuildComponent, Component, ComponentFactory, ComponentRef,
     ComponentRegistry, EngineError, RegisterComponentFactory, SetBuildAuthorizer,
@@ -37,8 +37,8 @@ use serde_json::{Map as JsonMap, Value as Json};
 
 use crate::aggregator::{FedAvg, SharedAggregator};
 use crate::error::ServerError;
-use crate::model::ModelWeights;
-use crate::persistor::{read_npy, ModelPersistor, NpyPersistor, SharedPersistor};
+use crate::np_persistor::{NpModelPersistor, NP_DEFAULT_MODEL_DIR, NP_DEFAULT_MODEL_NAME};
+use crate::persistor::{ModelPersistor, NpyPersistor, SharedPersistor};
 use crate::sag::{SagConfig, ScatterAndGather};
 use crate::workflow::Workflow;
 
@@ -57,7 +57,7 @@ pub const FULL_MODEL_GENERATOR_CLASS: &str =
     "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator";
 
 /// The array name NVFlare's numpy examples use.
-pub const NUMPY_KEY: &str = "numpy_key";
+pub const NUMPY_KEY: &str = crate::np_persistor::NP_NUMPY_KEY;
 
 /// NVFlare's full-model shareable generator: a marker, because [`ScatterAndGather`] always
 /// sends the full model as a `WEIGHTS` DXO (and applies `WEIGHT_DIFF` aggregates itself).
@@ -757,30 +757,30 @@ fn build_npy_persistor(base: &Path, args: &BuildArgs) -> Result<SharedPersistor,
     Ok(SharedPersistor(Arc::new(persistor)))
 }
 
-/// NVFlare's `NPModelPersistor` default model: `[[1, 2, 3], [4, 5, 6], [7, 8, 9]]`, float32.
-fn nvflare_numpy_default() -> Result<NdArray, String> {
-    let values: Vec<f32> = (1u8..=9).map(f32::from).collect();
-    NdArray::from_f32(&[3, 3], &values).map_err(|e| e.to_string())
-}
-
+/// NVFlare's `NPModelPersistor` (see [`NpModelPersistor`]): `model_dir`, `model_name`,
+/// `model` and `source_ckpt_file_full_name`, relative to `base` (the job's run directory).
 fn build_np_model_persistor(base: &Path, args: &BuildArgs) -> Result<SharedPersistor, String> {
     let mut a = Args::new("NPModelPersistor", &args.args);
-    let dir = resolve(base, &a.string("model_dir", "models")?);
-    let name = a.string("model_name", "server.npy")?;
+    let dir = a.string("model_dir", NP_DEFAULT_MODEL_DIR)?;
+    let name = a.string("model_name", NP_DEFAULT_MODEL_NAME)?;
+    let model = a.get("model").cloned();
+    let ckpt = a.get("source_ckpt_file_full_name").cloned();
     a.finish();
-    let file = dir.join(&name);
-    let array = if file.is_file() {
-        read_npy(&file).map_err(|e| e.to_string())?
-    } else {
-        log::info!(
-            "NPModelPersistor: {} not found; starting from NVFlare's default 3x3 model",
-            file.display()
-        );
-        nvflare_numpy_default()?
-    };
-    let mut initial = ModelWeights::new();
-    initial.insert(NUMPY_KEY.to_owned(), array);
-    Ok(SharedPersistor(Arc::new(
-        NpyPersistor::new(dir).with_initial_weights(initial),
-    )))
+    let mut persistor = NpModelPersistor::new(base, &dir, &name).map_err(|e| e.to_string())?;
+    if let Some(model) = model {
+        persistor = persistor
+            .with_model_list(&model)
+            .map_err(|e| e.to_string())?;
+    }
+    match ckpt {
+        None => {}
+        Some(Json::String(s)) if s.is_empty() => {}
+        Some(Json::String(s)) => persistor = persistor.with_source_ckpt(&s),
+        Some(v) => {
+            return Err(format!(
+                "NPModelPersistor: source_ckpt_file_full_name must be a path, got {v}"
+            ))
+        }
+    }
+    Ok(SharedPersistor(Arc::new(persistor)))
 }

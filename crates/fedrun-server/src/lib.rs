@@ -90,6 +90,7 @@ pub mod config;
 pub mod controller;
 pub mod error;
 pub mod model;
+pub mod np_persistor;
 pub mod persistor;
 mod protocol;
 pub mod sag;
@@ -109,6 +110,7 @@ pub use config::{
 pub use controller::Controller;
 pub use error::ServerError;
 pub use model::{weights_from_dxo, weights_to_dxo, ModelWeights};
+pub use np_persistor::NpModelPersistor;
 pub use persistor::{
     load_npy_model, save_npy_model, InitialModel, ModelPersistor, NpyPersistor, SharedPersistor,
 };
