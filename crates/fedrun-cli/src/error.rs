@@ -87,6 +87,12 @@ pub enum CliError {
     /// The run did not finish: it was aborted, or the workflow failed.
     #[error("the run did not complete: {0}")]
     RunFailed(String),
+    /// The command line of `fedrun job` is not what NVFlare's client parent passes.
+    #[error("fedrun job: {0}")]
+    JobArgs(#[from] crate::cj::args::ArgsError),
+    /// The site's startup kit or the connection options cannot be used.
+    #[error("fedrun job: {0}")]
+    Startup(#[from] crate::cj::startup::StartupError),
     /// Part of the run did not finish in time.
     #[error("timed out after {secs} s waiting for {what}")]
     Timeout {

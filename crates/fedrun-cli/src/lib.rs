@@ -48,6 +48,7 @@
 //! std::fs::remove_dir_all(&workspace).unwrap();
 //! ```
 
+pub mod cj;
 pub mod client_cmd;
 pub mod config_vars;
 pub mod deployed;

@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use fedrun_cli::cj::args::{take_credentials, Credentials, WorkerArgs};
+use fedrun_cli::cj::{run_job, JobOptions};
 use fedrun_cli::client_cmd::{run_client, ClientOptions};
 use fedrun_cli::output::{format_table, RoundRecord};
 use fedrun_cli::server_cmd::{serve, ServerOptions, DEFAULT_END_OF_RUN_DEADLINE};
@@ -35,6 +37,18 @@ enum Command {
     /// Run one client job, connected to a `fedrun server` over TCP, until the server ends the
     /// run.
     Client(ClientArgs),
+    /// Run one client job of a real NVFlare deployment, launched by NVFlare's client parent
+    /// with its worker's options (-m WS -w STARTUP -n JOB -c CLIENT -p PARENT_URL -g TARGET
+    /// -scheme SCHEME -s fed_client.json --set k=v ...; credentials in NVFLARE_JOB_AUTH_TOKEN,
+    /// NVFLARE_JOB_TOKEN_SIGNATURE, NVFLARE_JOB_SSID).
+    Job(JobArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct JobArgs {
+    /// The options NVFlare's client parent passes its job process, unchanged.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    options: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,13 +129,51 @@ struct ClientArgs {
 }
 
 fn main() -> ExitCode {
+    // A job process takes its credentials out of the environment before anything else runs
+    // (no thread exists yet), so that nothing it starts inherits them.
+    let is_job = std::env::args().nth(1).as_deref() == Some("job");
+    let credentials = if is_job {
+        take_credentials()
+    } else {
+        Credentials::default()
+    };
     let cli = Cli::parse();
     // Quiet by default so the progress bar stays clean; RUST_LOG=info shows the engines' logs.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // A job process logs at info: its output is the site's log of the job.
+    let default_level = if is_job { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
     match cli.command {
         Command::Simulate(args) => run_simulate(args),
         Command::Server(args) => run_server(args),
         Command::Client(args) => run_client_cmd(args),
+        Command::Job(args) => run_job_cmd(args, credentials),
+    }
+}
+
+fn run_job_cmd(args: JobArgs, credentials: Credentials) -> ExitCode {
+    let args = match WorkerArgs::parse(args.options, credentials) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("fedrun job: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let site = args.client_name.clone();
+    let job_id = args.job_id.clone();
+    match actix::System::new().block_on(run_job(args, JobOptions::default())) {
+        Ok(report) => {
+            let code = report.exit_code();
+            log::info!(
+                "[job={job_id} site={site}] fedrun job exits with {code} ({:?})",
+                report.outcome.ended_by
+            );
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("fedrun job {site} {job_id}: error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

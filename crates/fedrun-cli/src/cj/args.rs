@@ -79,7 +79,7 @@ impl std::fmt::Debug for Credentials {
 /// Call it first thing in `main`, before any thread starts (changing the environment is only
 /// sound while no other thread reads it).
 pub fn take_credentials() -> Credentials {
-    let mut take = |name: &str| {
+    let take = |name: &str| {
         let value = std::env::var(name).ok();
         std::env::remove_var(name);
         value
@@ -264,7 +264,9 @@ impl WorkerArgs {
             token_signature: token_signature.ok_or(ArgsError::Missing(
                 "the token signature (NVFLARE_JOB_TOKEN_SIGNATURE or -ts/--token_signature)",
             ))?,
-            ssid: ssid.ok_or(ArgsError::Missing("the session id (NVFLARE_JOB_SSID or -d/--ssid)"))?,
+            ssid: ssid.ok_or(ArgsError::Missing(
+                "the session id (NVFLARE_JOB_SSID or -d/--ssid)",
+            ))?,
         })
     }
 
@@ -310,7 +312,11 @@ mod tests {
         assert_eq!(a.set_flag("secure_train"), Some(true));
         assert_eq!(a.set_flag("print_conf"), Some(true));
         assert_eq!(
-            (a.token.as_str(), a.token_signature.as_str(), a.ssid.as_str()),
+            (
+                a.token.as_str(),
+                a.token_signature.as_str(),
+                a.ssid.as_str()
+            ),
             ("env-tok", "env-sig", "NA")
         );
     }
@@ -326,7 +332,11 @@ mod tests {
         assert_eq!(a.parent_conn_sec, "");
         assert_eq!(a.local_rank, 3);
         assert_eq!(
-            (a.token.as_str(), a.token_signature.as_str(), a.ssid.as_str()),
+            (
+                a.token.as_str(),
+                a.token_signature.as_str(),
+                a.ssid.as_str()
+            ),
             ("cli-tok", "cli-sig", "S1")
         );
     }
@@ -363,6 +373,9 @@ mod tests {
     fn secrets_never_show_in_debug_output() {
         let a = parse(STOCK, creds()).unwrap();
         let shown = format!("{a:?} {:?}", creds());
-        assert!(!shown.contains("env-tok") && !shown.contains("env-sig"), "{shown}");
+        assert!(
+            !shown.contains("env-tok") && !shown.contains("env-sig"),
+            "{shown}"
+        );
     }
 }

@@ -2,22 +2,20 @@
 //! and the executors of the job's client config.
 //!
 //! A job in a real deployment names NVFlare's classes; fedrun builds those it has a factory
-//! for (NVFlare's numpy components, the example trainers). Every factory was registered by
-//! this program on purpose, so the build authorizer allows them; a class without a factory
-//! fails the start with one error naming it (the deployed job's loader checks that first).
-
-use std::sync::Arc;
+//! for (NVFlare's numpy components, the example trainers). A class without a factory fails
+//! the start with one error naming it (the deployed job's loader checks that first).
+//!
+//! Numpy arrays in task results leave as NVFlare download references served by this job (in
+//! items of `np_download_chunk_size` bytes, 2 MiB unless the job or the environment says
+//! otherwise), exactly as NVFlare's own job process sends them; `np_download_chunk_size: 0`
+//! sends them inline. References in what the job receives are always resolved.
 
 use fedrun_core::{Map, Value};
-use fedrun_engine::{
-    ClientEngine, ClientJobConfig, EngineHandle, RegisterComponentFactory, SetBuildAuthorizer,
-    TaskRouter,
-};
+use fedrun_engine::{ClientEngine, EngineHandle, TaskRouter};
 use fedrun_wire::TcpTransport;
 use serde_json::Value as Json;
 
-use super::parent::StatsSource;
-use crate::deployed::DeployedJob;
+use crate::deployed::{DeployedJob, NP_DOWNLOAD_CHUNK_SIZE_DEFAULT};
 use crate::error::CliError;
 use crate::transport::JobTransport;
 
@@ -27,8 +25,6 @@ pub struct StartedJob {
     pub engine: EngineHandle,
     /// The executors by task name.
     pub router: TaskRouter,
-    /// The answer to the parent's `show_stats`.
-    pub stats: StatsSource,
 }
 
 /// A JSON value as a fedrun [`Value`] (numbers keep their integer-ness).
@@ -60,67 +56,41 @@ pub fn json_to_value(json: &Json) -> Value {
     }
 }
 
-/// Starts the engine of `site` for `job_id` on `transport` and builds the job's client config.
+/// Starts the engine of `site` for `job_id` on `transport` and builds the job's client config
+/// (every built-in client class is registered; see [`DeployedJob::build`]).
 ///
 /// # Errors
 ///
-/// [`CliError::Engine`] when the engine does not start or a component does not build,
-/// [`CliError::BadJob`] when the client config is not one.
+/// [`CliError::Engine`] when the engine does not start or a component does not build.
 pub async fn start_engine(
     job: &DeployedJob,
-    site: &str,
-    job_id: &str,
     transport: &TcpTransport,
     client_args: Map,
     project_name: &str,
     ssid: &str,
 ) -> Result<StartedJob, CliError> {
-    let engine_err = |source| CliError::Engine {
-        site: site.to_owned(),
-        source,
-    };
-    let client_config =
-        ClientJobConfig::from_value(&job.client_config).map_err(|e| CliError::BadJob {
-            path: job.client_config_path.clone(),
-            reason: e.to_string(),
-        })?;
-    let engine = ClientEngine::builder(site, job_id)
+    let engine = ClientEngine::builder(&job.site, &job.job_id)
         .client_config(client_args)
         .job_meta(json_to_value(&job.meta))
         .project_name(project_name)
         .ssid(ssid)
+        .np_download_chunk_size(
+            job.np_download_chunk_size
+                .unwrap_or(NP_DOWNLOAD_CHUNK_SIZE_DEFAULT)
+                .try_into()
+                .unwrap_or(usize::MAX),
+        )
         .start_on(JobTransport::Tcp(transport.clone()))
         .await
-        .map_err(engine_err)?;
-    let prepared = async {
-        for (class, factory) in crate::deployed::client_factories() {
-            engine
-                .send(RegisterComponentFactory { class, factory })
-                .await??;
-        }
-        engine
-            .send(SetBuildAuthorizer {
-                authorizer: Arc::new(|_node: &Json, _path: &str| Ok(())),
-            })
-            .await?;
-        client_config.build(&engine).await
-    };
-    match prepared.await {
-        Ok(router) => {
-            let stats_engine = engine.clone();
-            let stats: StatsSource = Arc::new(move || {
-                let engine = stats_engine.clone();
-                Box::pin(async move { engine.show_stats().await.unwrap_or(Value::Nil) })
-            });
-            Ok(StartedJob {
-                engine,
-                router,
-                stats,
-            })
-        }
+        .map_err(|source| CliError::Engine {
+            site: job.site.clone(),
+            source,
+        })?;
+    match job.build(&engine).await {
+        Ok(router) => Ok(StartedJob { engine, router }),
         Err(e) => {
             engine.stop().await;
-            Err(engine_err(e))
+            Err(e)
         }
     }
 }

@@ -74,7 +74,11 @@ impl Default for JobOptions {
             notify_retry: Duration::from_secs(15),
             notify_timeout: Duration::from_secs(5),
             parent_check_interval: Duration::from_secs(1),
-            runner: RunnerConfig::default(),
+            runner: RunnerConfig {
+                // the end-of-run race: a server job that exits before this job's next pull
+                end_run_after_failed_pulls: Some(Duration::from_secs(20)),
+                ..RunnerConfig::default()
+            },
         }
     }
 }
@@ -111,9 +115,9 @@ fn auth_headers(args: &WorkerArgs) -> Vec<(String, String)> {
     .collect()
 }
 
-fn bad_option(option: &str, reason: impl std::fmt::Display) -> CliError {
+fn bad_option(option: &'static str, reason: impl std::fmt::Display) -> CliError {
     CliError::BadOption {
-        option: option.to_owned(),
+        option,
         reason: reason.to_string(),
     }
 }
@@ -139,7 +143,11 @@ pub async fn run_job(args: WorkerArgs, options: JobOptions) -> Result<JobReport,
         args.set_flag("secure_train").unwrap_or(true),
         conn_gen.as_deref(),
     );
-    let job = crate::deployed::DeployedJob::load(&args.workspace, &job_id, &site)?;
+    let deploy = crate::deployed::DeployOptions {
+        set: args.set.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        ..Default::default()
+    };
+    let job = crate::deployed::DeployedJob::load_with(&args.workspace, &job_id, &site, &deploy)?;
     let me = Fqcn::job_cell(&site, &job_id).map_err(|e| bad_option("-c/-n", e))?;
     let parent = Fqcn::new(&site).map_err(|e| bad_option("-c", e))?;
 
@@ -180,7 +188,10 @@ async fn run_on(
         .map_err(|e| bad_option("-p/--parent_url", e))?;
     match route {
         ServerRoute::Direct(url) => {
-            log::info!("{prefix} connecting to the server at {url} and to the parent at {}", args.parent_url);
+            log::info!(
+                "{prefix} connecting to the server at {url} and to the parent at {}",
+                args.parent_url
+            );
             transport
                 .add_connector(url)
                 .map_err(|e| bad_option("-g/--sp_target", e))?;
@@ -193,14 +204,20 @@ async fn run_on(
         }
     }
     let timeout_secs = options.connect_timeout.as_secs();
-    if !transport.wait_for_peer(parent, options.connect_timeout).await {
+    if !transport
+        .wait_for_peer(parent, options.connect_timeout)
+        .await
+    {
         return Err(CliError::Timeout {
             what: format!("the client parent at {}", args.parent_url),
             secs: timeout_secs,
         });
     }
     if let ServerRoute::Direct(url) = route {
-        if !transport.wait_for_peer(&Fqcn::SERVER, options.connect_timeout).await {
+        if !transport
+            .wait_for_peer(&Fqcn::SERVER, options.connect_timeout)
+            .await
+        {
             return Err(CliError::Timeout {
                 what: format!("the server at {url}"),
                 secs: timeout_secs,
@@ -217,8 +234,6 @@ async fn run_on(
         .collect();
     let started = engine::start_engine(
         &job,
-        site,
-        job_id,
         transport,
         client_args,
         &startup.project_name,
@@ -232,7 +247,6 @@ async fn run_on(
         engine: engine.clone(),
         runner: control.clone(),
         status: status.clone(),
-        stats: started.stats,
     })
     .await
     .map_err(|e| CliError::RunFailed(format!("cannot answer the parent's commands: {e}")))?;
@@ -262,7 +276,9 @@ async fn run_on(
             site: site.to_owned(),
             source,
         }),
-        Some(Err(join)) => Err(CliError::RunFailed(format!("the task loop panicked: {join}"))),
+        Some(Err(join)) => Err(CliError::RunFailed(format!(
+            "the task loop panicked: {join}"
+        ))),
         None => {
             log::error!("{prefix} the client parent process is gone; ending the run");
             control.end_run();
@@ -270,7 +286,9 @@ async fn run_on(
             if tokio::time::timeout(grace, &mut run).await.is_err() {
                 run.abort();
             }
-            Err(CliError::RunFailed("the client parent process went away".to_owned()))
+            Err(CliError::RunFailed(
+                "the client parent process went away".to_owned(),
+            ))
         }
     };
     status.set(match &result {

@@ -22,8 +22,7 @@ use fedrun_cell::{
     request_handler, CellHandle, CellMessage, Fqcn, HandlerError, Payload, SendRequest,
 };
 use fedrun_core::{CellReturnCode, Map, Tagged, Value};
-use fedrun_engine::{EngineHandle, RunnerControl};
-use futures::future::BoxFuture;
+use fedrun_engine::{answer_info_command, EngineHandle, RunnerControl};
 
 /// The channel of the parent's admin messages.
 pub const ADMIN_CHANNEL: &str = "admin";
@@ -163,9 +162,6 @@ pub async fn notify_job_status(
     }
 }
 
-/// Answers `show_stats`: the run's statistics, as a value for the reply.
-pub type StatsSource = Arc<dyn Fn() -> BoxFuture<'static, Value> + Send + Sync>;
-
 /// What the command handler works on.
 #[derive(Clone)]
 pub struct CommandTarget {
@@ -175,8 +171,6 @@ pub struct CommandTarget {
     pub runner: RunnerControl,
     /// The job's status.
     pub status: SharedStatus,
-    /// The answer to `show_stats`.
-    pub stats: StatsSource,
 }
 
 /// Registers the handler of the parent's commands (channel `client_command`, any topic) on the
@@ -221,21 +215,11 @@ async fn answer_command(target: &CommandTarget, req: &CellMessage) -> fedrun_cel
             log::info!("{prefix} abort_task: {n} running task(s) aborted");
             empty_reply()
         }
-        "show_stats" => {
-            let stats = (target.stats)().await;
-            match stats {
-                Value::Map(m) if m.is_empty() => reply("No stats info"),
-                Value::Nil => reply("No stats info"),
-                other => reply(other),
+        "show_stats" | "show_errors" | "reset_errors" => {
+            match answer_info_command(engine, &topic).await.map_err(failed)? {
+                Some(value) => reply(value),
+                None => empty_reply(),
             }
-        }
-        "show_errors" => match engine.show_errors().await.map_err(failed)? {
-            None => reply("No Errors"),
-            Some(report) => reply(error_report_value(&report)),
-        },
-        "reset_errors" => {
-            engine.reset_errors().await.map_err(failed)?;
-            empty_reply()
         }
         "shutdown" => empty_reply(),
         "configure_job_log" => {
@@ -246,26 +230,4 @@ async fn answer_command(target: &CommandTarget, req: &CellMessage) -> fedrun_cel
             Err(HandlerError::InvalidRequest)
         }
     }
-}
-
-/// The error log as NVFlare's info collector reports it: group → key → list of messages.
-fn error_report_value(report: &fedrun_engine::ErrorReport) -> Value {
-    let groups: Map = report
-        .groups
-        .iter()
-        .map(|(group, keys)| {
-            let keys: Map = keys
-                .iter()
-                .map(|(key, records)| {
-                    let msgs = records
-                        .iter()
-                        .map(|r| Value::from(r.message.clone()))
-                        .collect();
-                    (Value::from(key.clone()), Value::Array(msgs))
-                })
-                .collect();
-            (Value::from(group.clone()), Value::Map(keys))
-        })
-        .collect();
-    Value::Map(groups)
 }

@@ -121,7 +121,9 @@ impl StartupConfig {
             path: path.to_owned(),
             reason: reason.to_owned(),
         };
-        let root = json.as_object().ok_or_else(|| invalid("not a JSON object"))?;
+        let root = json
+            .as_object()
+            .ok_or_else(|| invalid("not a JSON object"))?;
         let project_name = match root.get("servers") {
             None => None,
             Some(Json::Array(servers)) => servers
@@ -248,10 +250,11 @@ mod tests {
     fn bad_startup_configs_and_non_clear_parents_are_errors() {
         assert!(StartupConfig::from_json(&json!([1]), Path::new("f")).is_err());
         assert!(StartupConfig::from_json(&json!({"servers": 1}), Path::new("f")).is_err());
-        assert!(
-            StartupConfig::from_json(&json!({"client": {"connection_security": 3}}), Path::new("f"))
-                .is_err()
-        );
+        assert!(StartupConfig::from_json(
+            &json!({"client": {"connection_security": 3}}),
+            Path::new("f")
+        )
+        .is_err());
         assert!(check_parent("tcp://localhost:1", "clear").is_ok());
         assert!(check_parent("tcp://localhost:1", "").is_ok());
         assert!(check_parent("tcp://localhost:1", "mtls").is_err());
