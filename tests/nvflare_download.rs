@@ -11,7 +11,8 @@
 //!    float32, a float64), as a plain request and as a streamed one; the fedrun handler sees the
 //!    exact arrays, downloaded by its `ArrayResolver` from Python's download service.
 //! 2. fedrun sends Python a Shareable whose arrays its `DownloadService` offers; NVFlare pulls
-//!    them and reports what it got; its reply carries an array as a reference again.
+//!    them and reports what it got; its reply carries an array as a reference again. And a
+//!    fedrun handler answers a Python request with arrays offered the same way.
 //! 3. fedrun asks Python for the arrays: the reply is resolved before the requester sees it.
 //! 4. Python sends references that cannot be resolved (unknown ref id, unreachable producer):
 //!    fedrun answers with an error and its handler never runs; a reply with such references
@@ -315,6 +316,43 @@ async fn numpy_download_refs_interoperate_with_live_nvflare_cells() {
     assert_same_array("echo_small", s.get("echo_small"), &small());
     // NVFlare read fedrun's batch to its end: the arrays are released
     assert!(!offers.holds(&ref_id), "fedrun still holds batch {ref_id}");
+
+    // ---- 2b. Python asks fedrun on a stream channel; fedrun's (streamed) reply offers arrays
+    let (ref_tx, mut ref_rx) = mpsc::unbounded_channel();
+    let o = offers.clone();
+    let give = request_handler(move |_req: CellMessage| {
+        let (o, ref_tx) = (o.clone(), ref_tx.clone());
+        async move {
+            let mut answer = Shareable::make_reply(AppReturnCode::Ok, None);
+            answer.insert("mid", mid());
+            answer.insert("small", small());
+            let refs = o.offer(&mut answer).expect("arrays to offer");
+            let _ = ref_tx.send(refs_from_value(&refs).unwrap()[0].ref_id.clone());
+            Ok(Some(
+                CellMessage::new(answer).with_header(header::DOWNLOAD_REFS, refs),
+            ))
+        }
+    });
+    cell.register_request_handler("interop", "give_arrays", give)
+        .await
+        .unwrap();
+    let done = py
+        .command(
+            json!({"cmd": "ask", "target": my_name, "channel": "interop",
+                        "topic": "give_arrays", "payload": {}}),
+        )
+        .await;
+    assert_eq!(done["streamed"], true);
+    assert_eq!(done["rc"], "ok", "{done}");
+    let got = &done["payload"]["mid"]["$ndarray"];
+    assert_eq!(got["dtype"], "float32", "{done}");
+    assert_eq!(got["values"], json!(mid().to_f32_vec().unwrap()));
+    let got = &done["payload"]["small"]["$ndarray"];
+    assert_eq!(got["dtype"], "float64", "{done}");
+    assert_eq!(got["shape"], json!([3, 2]));
+    assert_eq!(got["values"], json!(small().to_f64_vec().unwrap()));
+    let reply_ref = timeout(STEP, ref_rx.recv()).await.unwrap().unwrap();
+    assert!(!offers.holds(&reply_ref), "fedrun still holds {reply_ref}");
 
     // ---- 3. fedrun asks, Python's reply carries the arrays as refs
     let req = SendRequest::new(
