@@ -16,10 +16,9 @@
 //! by its pid when the test ends, even on failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+#[path = "interop/py_cells.rs"]
+mod py_cells;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,23 +29,13 @@ use fedrun::core::NdArray;
 use fedrun::engine::{aux_handler, AuxRequest, AuxTargets};
 use fedrun::{AppReturnCode, CellReturnCode, ClientEngine, Map, Shareable, Value};
 use fedrun_wire::{TcpTransport, WireConfig};
-use serde_json::{json, Value as Json};
+use py_cells::{free_port, PyArgs, PyCells, PYTHON_ENV, STEP};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-/// The variable naming the Python interpreter that has `nvflare==2.9.0`.
-const PYTHON_ENV: &str = "FEDRUN_NVFLARE_PYTHON";
-/// The Python side of the test.
-const SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/interop/nvflare_cells.py"
-);
 /// The job of the Python server job cell and of the fedrun client job cell.
 const JOB: &str = "interop-1";
-/// The deadline of one step (a reply, an event).
-const STEP: Duration = Duration::from_secs(15);
-/// The deadline for the Python cells to come up (importing NVFlare takes a few seconds).
-const STARTUP: Duration = Duration::from_secs(40);
 /// The Python script ends itself after this many seconds, whatever happens.
 const WATCHDOG_SECS: u64 = 58;
 /// The whole test must stay under this.
@@ -70,194 +59,6 @@ fn init_log() {
 /// The byte pattern of the large message (same formula as the script's `pattern`).
 fn pattern_byte(i: usize) -> u8 {
     ((i * 7 + 3) % 251) as u8
-}
-
-// ----------------------------------------------------------------------------------------------
-// The Python process
-
-/// The running Python script: its stdin, its events, and a guard that kills it by pid in Drop.
-struct PyCells {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    events: mpsc::UnboundedReceiver<Json>,
-    /// Events received but not consumed yet, with their arrival number.
-    backlog: VecDeque<(usize, Json)>,
-    /// Every event received, for the failure report.
-    received: Vec<Json>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    next_id: u64,
-}
-
-impl PyCells {
-    /// Starts the script for the server root cell on `port` and waits for its `ready` event.
-    async fn start(python: &str, port: u16) -> PyCells {
-        let mut child = Command::new(python)
-            .arg(SCRIPT)
-            .args(["--port", &port.to_string(), "--job", JOB])
-            .args(["--watchdog", &WATCHDOG_SECS.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {python} {SCRIPT}: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let stdin = child.stdin.take();
-
-        let (tx, events) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let event = serde_json::from_str::<Json>(&line)
-                    .unwrap_or_else(|_| json!({"event": "not_json", "text": line}));
-                if tx.send(event).is_err() {
-                    return;
-                }
-            }
-            let _ = tx.send(json!({"event": "eof"}));
-        });
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let tail = Arc::clone(&stderr_tail);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-                if tail.len() == 300 {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-        });
-
-        let mut py = PyCells {
-            child,
-            stdin,
-            events,
-            backlog: VecDeque::new(),
-            received: Vec::new(),
-            stderr_tail,
-            next_id: 0,
-        };
-        let ready = py.wait_event_for("ready", STARTUP, |_| true).await;
-        assert_eq!(ready.1["job"], format!("server.{JOB}"));
-        py
-    }
-
-    /// The first event named `name` for which `pred` holds (looking at unconsumed events
-    /// first), with its arrival number; panics after `STEP`.
-    async fn wait_event(&mut self, name: &str, pred: impl Fn(&Json) -> bool) -> (usize, Json) {
-        self.wait_event_for(name, STEP, pred).await
-    }
-
-    async fn wait_event_for(
-        &mut self,
-        name: &str,
-        deadline: Duration,
-        pred: impl Fn(&Json) -> bool,
-    ) -> (usize, Json) {
-        self.wait_matching(name, deadline, |e| e["event"] == name && pred(e))
-            .await
-    }
-
-    /// The first event for which `matches` holds; `what` names it in the failure message.
-    async fn wait_matching(
-        &mut self,
-        what: &str,
-        deadline: Duration,
-        matches: impl Fn(&Json) -> bool,
-    ) -> (usize, Json) {
-        if let Some(pos) = self.backlog.iter().position(|(_, e)| matches(e)) {
-            return self.backlog.remove(pos).unwrap();
-        }
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            let event = match tokio::time::timeout_at(until, self.events.recv()).await {
-                Ok(Some(e)) => e,
-                Ok(None) => panic!("the Python script's output ended while waiting for {what}"),
-                Err(_) => panic!("no '{what}' event from the Python script within {deadline:?}"),
-            };
-            let n = self.received.len();
-            self.received.push(event.clone());
-            if event["event"] == "eof" || event["event"] == "watchdog" {
-                panic!("the Python script ended ({event}) while waiting for {what}");
-            }
-            if matches(&event) {
-                return (n, event);
-            }
-            self.backlog.push_back((n, event));
-        }
-    }
-
-    /// Sends one command and returns its `done` event; a `failed` event fails the test.
-    async fn command(&mut self, mut cmd: Json) -> Json {
-        self.next_id += 1;
-        let id = self.next_id;
-        cmd["id"] = json!(id);
-        let line = format!("{cmd}\n");
-        let stdin = self.stdin.as_mut().expect("stdin already closed");
-        stdin.write_all(line.as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        let (_, event) = self
-            .wait_matching(&format!("done {id}"), STEP, |e| {
-                e["id"] == id && (e["event"] == "done" || e["event"] == "failed")
-            })
-            .await;
-        assert_eq!(event["event"], "done", "command {cmd} failed: {event}");
-        event
-    }
-
-    /// Asks the script to stop its cells, and waits for it to exit (killing it if it does not).
-    async fn quit(mut self) {
-        let stdin = self.stdin.as_mut().expect("stdin already closed");
-        stdin.write_all(b"{\"cmd\": \"quit\"}\n").unwrap();
-        stdin.flush().unwrap();
-        self.wait_event("stopped", |_| true).await;
-        // the script exits right after "stopped": its stdout ends with the process
-        let eof = timeout(STEP, async {
-            loop {
-                match self.events.recv().await {
-                    Some(e) if e["event"] == "eof" => return,
-                    Some(e) => self.received.push(e),
-                    None => return,
-                }
-            }
-        })
-        .await;
-        assert!(
-            eof.is_ok(),
-            "the Python script did not exit after 'stopped'"
-        );
-        // stdout closed by the exit: wait() returns at once
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "the Python script exited with {status}");
-    }
-}
-
-impl Drop for PyCells {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // by pid: only the process this test started
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- events from the Python script:");
-            for e in &self.received {
-                eprintln!("{e}");
-            }
-            eprintln!("---- last lines of its stderr:");
-            let tail = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
-            for line in tail.iter() {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
-/// A port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -433,7 +234,14 @@ async fn fedrun_cells_and_engine_interoperate_with_live_nvflare_cells() {
     init_log();
     let started = Instant::now();
     let port = free_port();
-    let mut py = PyCells::start(&python, port).await;
+    let mut py = PyCells::start(PyArgs {
+        python: &python,
+        port,
+        job: JOB,
+        watchdog_secs: WATCHDOG_SECS,
+        extra: &[],
+    })
+    .await;
     let me = me();
     let my_name = me.to_string();
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Real NVFlare cells for fedrun's live interop test (tests/nvflare_interop.rs).
+"""Real NVFlare cells for fedrun's live interop tests (tests/nvflare_interop.rs, tests/nvflare_download.rs).
 
 One process hosts two NVFlare 2.9 cells, as a server-side deployment has them:
 
@@ -23,6 +23,12 @@ event per line from stdout. Everything NVFlare logs goes to stderr. Events:
     {"event": "request", "cell", "channel", "topic", "origin", "via", "payload"}
                                                  a callback of ours ran ("via": "core" or "stream")
     {"event": "done", "id", ...}                 a command finished
+    {"event": "ref_created", "dot", "fqcn", "ref_id", "tampered"}
+                                                 NVFlare's FOBS turned a payload's arrays into a download ref
+    {"event": "download_served", "origin", "ref_id", "rc", "status", "items", ...}
+                                                 the job cell's download service answered a request
+    {"event": "arrays_received", "cell", "origin", "arrays"}
+                                                 aux_communication/np_check got a Shareable of arrays
     {"event": "failed", "id", "error"}           a command raised
 
 Commands ({"cmd": ..., "id": ...}):
@@ -32,10 +38,18 @@ Commands ({"cmd": ..., "id": ...}):
     fire       the job cell sends a fire-and-forget message
     aux        the job cell sends an aux request as NVFlare's aux runner does (__topic__, __peer_props__)
     ping       the root cell sends an SFM PING on its connection to "peer"
+    ask_arrays the job cell sends a request whose Shareable is the test arrays (see make_arrays)
+    tamper     "mode": null, "unknown_ref" or "unreachable": the next download refs NVFlare writes
+               name a ref id nobody serves, or a producer cell that does not exist
     quit       stop both cells and exit
 
 Bounded: a watchdog ends the process after --watchdog seconds, and the end of stdin ends it too.
-Loopback only. Usage: nvflare_cells.py --port PORT --job JOB [--watchdog SECONDS]
+Numpy arrays: by default NVFlare is told to send them inline (np_download_chunk_size = 0). With
+--np-download it keeps its default (2 MiB): every array of a payload leaves as a download reference
+that the receiver pulls from the job cell's download service, and arrays received as references
+are pulled from their producer (fedrun) while NVFlare decodes the message.
+
+Loopback only. Usage: nvflare_cells.py --port PORT --job JOB [--watchdog SECONDS] [--np-download]
 """
 
 import argparse
@@ -45,10 +59,6 @@ import os
 import sys
 import threading
 import time
-
-# NVFlare must send numpy arrays inline (FOBS "native"), not as download references: fedrun does
-# not implement the download-service consumer. Read by NVFlare's config service from the env.
-os.environ.setdefault("NVFLARE_NP_DOWNLOAD_CHUNK_SIZE", "0")
 
 _OUT = sys.stdout
 _OUT_LOCK = threading.Lock()
@@ -92,12 +102,53 @@ def pattern(size):
     return (unit * (size // 251 + 1))[:size]
 
 
+def make_arrays():
+    """The arrays of the download test; tests/nvflare_download.rs builds the same ones.
+
+    v(i) = ((i * 7 + 3) mod 1001) / 8 - 60 is exact in float32 and float64.
+    """
+    import numpy as np
+
+    def v(n):
+        i = np.arange(n, dtype=np.int64)
+        return ((i * 7 + 3) % 1001) * 0.125 - 60.0
+
+    return {
+        # 3 MiB: above the 2 MiB chunk size, so it is a batch of its own
+        "big": v(768 * 1024).astype(np.float32).reshape(768, 1024),
+        "mid": (v(1000) + 0.5).astype(np.float32),
+        "small": (v(6) + 1.0 / 3.0).reshape(3, 2),  # float64
+    }
+
+
+def array_summary(arr):
+    """What the event stream says about a received array (not its values: they can be megabytes)."""
+    import numpy as np
+
+    if not isinstance(arr, np.ndarray):
+        return {"type": type(arr).__name__, "repr": repr(arr)[:200]}
+    return {
+        "type": "ndarray",
+        "dtype": str(arr.dtype),
+        "shape": list(arr.shape),
+        "sum": float(arr.astype(np.float64).sum()),
+        "first": arr.ravel()[:3].tolist(),
+        "last": arr.ravel()[-1:].tolist(),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--job", required=True)
     ap.add_argument("--watchdog", type=float, default=55.0)
+    ap.add_argument("--np-download", action="store_true", help="keep NVFlare's default numpy download refs")
     args = ap.parse_args()
+    # read by NVFlare's config service from the env
+    if args.np_download:
+        os.environ.pop("NVFLARE_NP_DOWNLOAD_CHUNK_SIZE", None)  # NVFlare's default, 2 MiB
+    else:
+        os.environ.setdefault("NVFLARE_NP_DOWNLOAD_CHUNK_SIZE", "0")  # arrays inline (FOBS "native")
 
     # NVFlare's own output must never reach the event stream.
     sys.stdout = sys.stderr
@@ -122,8 +173,55 @@ def main():
     from nvflare.fuel.f3.sfm.prefix import Prefix
     import numpy as np
 
+    from nvflare.fuel.f3.streaming.download_service import DownloadService
+    from nvflare.fuel.utils.fobs.datum import Datum
+    from nvflare.fuel.utils.fobs.decomposers.via_downloader import ViaDownloaderDecomposer
+
     flare_decomposers.register()
     numpy_decomposers.register()
+
+    # ---- observation (and, on command, corruption) of NVFlare's download refs
+    tamper = {"mode": None}
+    create_datum = ViaDownloaderDecomposer._create_datum
+
+    def spy_create_datum(self, fobs_ctx):
+        datum = create_datum(self, fobs_ctx)
+        ref = json.loads(datum.value)
+        mode = tamper["mode"]
+        if mode == "unknown_ref":
+            ref["ref_id"] = "00000000-0000-4000-8000-000000000000"
+        elif mode == "unreachable":
+            ref["fqcn"] = "server.nowhere"
+        emit("ref_created", dot=datum.dot, fqcn=ref["fqcn"], ref_id=ref["ref_id"], tampered=mode)
+        if mode:
+            datum = Datum(datum.datum_type, json.dumps(ref), datum.dot)
+        return datum
+
+    ViaDownloaderDecomposer._create_datum = spy_create_datum
+
+    # registered on a cell when its first transaction starts: patched before any can start
+    handle_download = DownloadService._handle_download
+
+    def spy_handle_download(request):
+        reply = handle_download(request)
+        req = request.payload if isinstance(request.payload, dict) else {}
+        body = reply.payload if isinstance(reply.payload, dict) else {}
+        data = body.get("data") if isinstance(body.get("data"), list) else []
+        emit(
+            "download_served",
+            origin=request.get_header("cn__origin"),
+            ref_id=req.get("ref_id"),
+            state=req.get("state"),
+            confirm=req.get("confirm"),
+            cancel=req.get("cancel"),
+            rc=reply.get_header("cn__return_code"),
+            status=body.get("status"),
+            items=len(data),
+            item_bytes=[len(x) for x in data],
+        )
+        return reply
+
+    DownloadService._handle_download = staticmethod(spy_handle_download)
 
     job_fqcn = f"server.{args.job}"
     root_url = f"tcp://127.0.0.1:{args.port}"
@@ -255,6 +353,42 @@ def main():
     job.register_request_cb(channel="aux_communication", topic="interop_aux", cb=aux_from_engine)
     job.register_request_cb(channel="server_command", topic="get_task", cb=get_task)
     job.register_request_cb(channel="server_command", topic="submit_update", cb=submit_update)
+
+    def arrays_shareable():
+        arrays = make_arrays()
+        s = Shareable()
+        s.set_header("task_name", "train")
+        s["weights"] = {"big": arrays["big"], "mid": arrays["mid"]}
+        s["small"] = arrays["small"]
+        s["round"] = 7
+        return s
+
+    def np_check(request: Message):
+        # NVFlare's FOBS has already pulled any referenced arrays while decoding
+        payload = request.payload if isinstance(request.payload, dict) else {}
+        weights = payload.get("weights") if isinstance(payload.get("weights"), dict) else {}
+        got = {"big": weights.get("big"), "mid": weights.get("mid"), "small": payload.get("small")}
+        expected = make_arrays()
+        summary = {}
+        for name, arr in got.items():
+            s = array_summary(arr)
+            want = expected[name]
+            s["equal"] = bool(isinstance(arr, np.ndarray) and arr.dtype == want.dtype and np.array_equal(arr, want))
+            summary[name] = s
+        emit("arrays_received", cell=job_fqcn, origin=request.get_header("cn__origin"), arrays=summary)
+        reply = make_reply(ReturnCode.OK)
+        reply["all_equal"] = all(s["equal"] for s in summary.values())
+        reply["round"] = payload.get("round")
+        # an array back: the reply leaves with a download ref of its own
+        reply["echo_small"] = got["small"] if isinstance(got["small"], np.ndarray) else None
+        return ok(reply)
+
+    def get_arrays(request: Message):
+        seen(request)
+        return ok(arrays_shareable())
+
+    job.register_request_cb(channel="aux_communication", topic="np_check", cb=np_check)
+    job.register_request_cb(channel="aux_communication", topic="get_arrays", cb=get_arrays)
     job.start()
 
     deadline = time.time() + 20
@@ -312,6 +446,11 @@ def main():
                 request=Message(None, req), timeout=float(cmd.get("timeout", 10)),
             )
             return dict(reply_fields(reply), streamed=True)
+        if kind == "ask_arrays":
+            return ask(cmd, arrays_shareable())
+        if kind == "tamper":
+            tamper["mode"] = cmd.get("mode")
+            return {"mode": tamper["mode"]}
         if kind == "ping":
             sent = 0
             for sfm_conn in list(conn_manager.sfm_conns.values()):

@@ -200,20 +200,58 @@ impl StreamSendConfig {
             return false;
         }
         let channel = headers.channel().unwrap_or("");
-        if channel.is_empty()
-            || channel == STREAM_CHANNEL
-            || channel == RETURN_ONLY_CHANNEL
-            || channel == CELLNET_CHANNEL
-        {
+        if channel.is_empty() || is_internal_channel(channel) {
             return false;
         }
         encoded_len > self.threshold || self.channels.streams(channel)
+    }
+
+    /// [`StreamSendConfig::wants_stream`] for a message whose payload carries download
+    /// references (`has_refs`): such a request also leaves as a stream, whatever its size and
+    /// the configured channels, when it is on a channel NVFlare's `Cell` streams
+    /// ([`StreamChannels::Nvflare`]). An NVFlare 2.9 receiver pulls referenced arrays only while
+    /// decoding a streamed message: its plain-message path decodes without the cell in the FOBS
+    /// context, and fails with "FOBS Protocol Error" on a reference.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use fedrun_cell::{Headers, MsgType};
+    /// use fedrun_wire::StreamSendConfig;
+    ///
+    /// let mut h = Headers::new();
+    /// h.set_msg_type(MsgType::Req);
+    /// h.set_channel("aux_communication");
+    /// let config = StreamSendConfig::default();
+    /// assert!(!config.wants_stream_with_refs(&h, 300, false));
+    /// assert!(config.wants_stream_with_refs(&h, 300, true));
+    /// h.set_channel("task"); // NVFlare never streams it
+    /// assert!(!config.wants_stream_with_refs(&h, 300, true));
+    /// ```
+    pub fn wants_stream_with_refs(
+        &self,
+        headers: &Headers,
+        encoded_len: usize,
+        has_refs: bool,
+    ) -> bool {
+        if self.wants_stream(headers, encoded_len) {
+            return true;
+        }
+        has_refs
+            && headers.msg_type() == Some(MsgType::Req)
+            && StreamChannels::Nvflare.streams(headers.channel().unwrap_or(""))
+            && !is_internal_channel(headers.channel().unwrap_or(""))
     }
 
     /// The chunk size in force (at least 1).
     pub(crate) fn effective_chunk_size(&self) -> usize {
         self.chunk_size.max(1)
     }
+}
+
+/// The stream channel itself, `return_only` and CellNet's control channel: never streamed.
+fn is_internal_channel(channel: &str) -> bool {
+    channel == STREAM_CHANNEL || channel == RETURN_ONLY_CHANNEL || channel == CELLNET_CHANNEL
 }
 
 /// The per-stream numbers written into every chunk.

@@ -668,8 +668,11 @@ impl Inner {
             return Err(CellReturnCode::TargetUnreachable);
         };
         // the local download-refs header becomes datums of the payload, never a wire header
-        let encoded = take_ref_datums(&mut msg.headers)
-            .and_then(|refs| encode_payload_body_with(&msg.payload, &refs));
+        let mut has_refs = false;
+        let encoded = take_ref_datums(&mut msg.headers).and_then(|refs| {
+            has_refs = !refs.is_empty();
+            encode_payload_body_with(&msg.payload, &refs)
+        });
         let (encoding, body) = encoded.map_err(|e| {
             log::warn!(
                 "endpoint {}: message to {dest} on {}/{} not sent: {e}",
@@ -682,12 +685,23 @@ impl Inner {
         if self
             .config
             .stream_send
-            .wants_stream(&msg.headers, body.len())
+            .wants_stream_with_refs(&msg.headers, body.len(), has_refs)
         {
             return self
                 .stream_out(&msg.headers, encoding, body, &dest, &peer, &link)
                 .await
                 .map_err(|e| send_error_code(&e));
+        }
+        if has_refs && msg.headers.msg_type() == Some(MsgType::Req) {
+            // NVFlare resolves references only in streamed messages, and never streams this
+            // channel: a fedrun receiver resolves them, an NVFlare one fails to decode
+            log::warn!(
+                "endpoint {}: request to {dest} on {}/{} carries download references on a \
+                 channel NVFlare does not stream: an NVFlare receiver cannot resolve them",
+                self.own,
+                msg.headers.channel().unwrap_or(""),
+                msg.headers.topic().unwrap_or("")
+            );
         }
         self.stamp_hop(&mut msg.headers, &peer);
         msg.headers.set_payload_encoding(encoding);

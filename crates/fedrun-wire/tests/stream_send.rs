@@ -850,3 +850,54 @@ async fn request_timing_out_mid_stream_tells_the_receiver_the_stream_is_abandone
     s.job.stop().await;
     s.job_net.shutdown().await;
 }
+
+/// Regression (live NVFlare 2.9, tests/nvflare_download.rs): an NVFlare receiver resolves
+/// download references only while decoding a streamed message, so a small request whose
+/// payload carries them must leave as a stream on every channel NVFlare streams; on a channel
+/// NVFlare never streams (`task`) it stays one frame.
+#[actix::test]
+async fn small_request_with_download_refs_leaves_as_a_stream_on_a_channel_nvflare_streams() {
+    use fedrun_cell::header;
+    use fedrun_fobs::download_ref::{array_ref, refs_to_value, DownloadRef};
+
+    let p = pair(WireConfig::default(), WireConfig::default()).await;
+    let with_refs = |channel: &str| {
+        let mut s = Shareable::new();
+        s.insert("w", array_ref(0));
+        let refs = refs_to_value(&[DownloadRef {
+            fqcn: job().to_string(),
+            ref_id: "r-1".into(),
+            dot: 3,
+        }]);
+        let msg = CellMessage::new(s).with_header(header::DOWNLOAD_REFS, refs);
+        SendRequest::new(channel, "echo", Fqcn::SERVER, msg, DEADLINE)
+    };
+    let plain_requests = |channel: &str| {
+        p.tap
+            .frames()
+            .into_iter()
+            .filter(|f| f.up && f.headers.channel() == Some(channel))
+            .count()
+    };
+    let chunks = || {
+        p.tap
+            .frames()
+            .into_iter()
+            .filter(|f| f.up && f.is_chunk())
+            .collect::<Vec<_>>()
+    };
+
+    // the server cell has no resolver: it answers with an error, which proves the refs arrived
+    let reply = p.job.send_request(with_refs("test")).await.unwrap();
+    assert_ne!(reply.return_code(), CellReturnCode::Ok);
+    let up = chunks();
+    assert_eq!(up.len(), 1, "one small chunk: {up:?}");
+    assert!(up[0].payload_len < 1024);
+    assert_eq!(plain_requests("test"), 0);
+
+    let reply = p.job.send_request(with_refs("task")).await.unwrap();
+    assert_ne!(reply.return_code(), CellReturnCode::Ok);
+    assert_eq!(chunks().len(), 1, "task must not be streamed");
+    assert_eq!(plain_requests("task"), 1);
+    p.shutdown().await;
+}
