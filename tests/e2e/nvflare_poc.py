@@ -22,8 +22,9 @@ Run by hand (with the stock worker behind the launcher):
 
 Modes: `clear` switches the kit to scheme tcp, connection_security clear, 127.0.0.1 and a free
 port; `default` leaves `nvflare poc prepare`'s kit (scheme http, mTLS) and only moves the server
-to 127.0.0.1 and a free port. In `default` the CJ gets NVFLARE_BACKBONE_CONN_GEN=1 so that it
-reaches the server through its parent only (NVFlare's relay wiring; fedrun speaks tcp only).
+to 127.0.0.1 and a free port. In `default` the stock worker gets NVFLARE_BACKBONE_CONN_GEN=1 so that it
+reaches the server through its parent only (NVFlare's relay wiring); fedrun's CJ must find that
+route by itself (the harness then checks its log says so).
 
 Every process is started in its own session and every process group the run created (server,
 CPs, and the server/client jobs they spawn) is killed when the harness ends, pass or fail
@@ -369,6 +370,11 @@ class Poc:
         self.record_dir = record_dir
 
 
+def is_stock_worker(cj_command):
+    """Is this CJ command the wrapper around NVFlare's own worker?"""
+    return "stock_worker" in (cj_command or "stock_worker")
+
+
 def start_poc(scratch, procs, python, mode, cj_command, cj_env, opt_in_key, deadline, timings):
     """Prepare the kit, install the launcher on site-1, start server and both CPs, wait until both
     clients are registered, open an admin session. Returns a `Poc`."""
@@ -376,9 +382,10 @@ def start_poc(scratch, procs, python, mode, cj_command, cj_env, opt_in_key, dead
     kit, port = prepare_kit(scratch, python, mode)
     record_dir = os.path.join(scratch, "launch-records")
     cj_env = dict(cj_env)
-    if mode == "default":
-        # A tcp-only CJ cannot speak the kit's http+mTLS: make it reach the server through its
-        # parent (the CP relays), as NVFlare's relay kits do. fedrun's CJ does this by itself.
+    if mode == "default" and is_stock_worker(cj_command):
+        # NVFlare's own worker would dial the server on the kit's scheme: make it reach the
+        # server through its parent (the CP relays), as NVFlare's relay kits do. fedrun's CJ
+        # decides this by itself from the kit (scheme http, mTLS), so it gets nothing here.
         cj_env.setdefault("NVFLARE_BACKBONE_CONN_GEN", "1")
     install_launcher(kit, FEDRUN_SITE, cj_command, cj_env, opt_in_key, record_dir)
     timings["prepare"] = round(time.monotonic() - t0, 2)
@@ -506,6 +513,10 @@ def run(args, scratch, procs, result):
         errors.append(f"site-1: CJ {exits[0].group('how')} {exits[0].group('code')}, expected exited with code 0")
     if "terminating process group" in s1:
         errors.append("site-1: the CP terminated (SIGKILLed) the CJ's process group")
+    if args.mode == "default" and not is_stock_worker(args.cj_command):
+        # fedrun's CJ must see by itself that it cannot dial an http+mTLS server
+        if "reaching the server through the parent" not in s1:
+            errors.append("site-1: fedrun's CJ did not say it reaches the server through its parent")
 
     if args.scenario == "complete":
         server_text = read_text(server_log) + read_text(os.path.join(kit, "server", job_id, "log.txt"))

@@ -17,8 +17,7 @@
 //! Needs `FEDRUN_NVFLARE_PYTHON` (a Python with nvflare 2.9.0, as `tests/nvflare_interop.rs`);
 //! without it every test prints a SKIP notice and passes. The CJ command is `<fedrun> job`;
 //! `FEDRUN_E2E_CJ_COMMAND` replaces it (e.g. `$PWD/tests/e2e/stock_worker.sh`, NVFlare's own
-//! worker behind the launcher, which validates the harness). While the fedrun binary has no `job`
-//! subcommand at all, the tests print a SKIP notice saying so and pass.
+//! worker behind the launcher, which validates the harness).
 //!
 //! The scenarios run one at a time (a lock), each POC on its own free port and scratch dir. The
 //! harness kills every process it started (and the jobs NVFlare spawned) when it ends; if it
@@ -54,28 +53,15 @@ fn harness_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/nvflare_poc.py")
 }
 
-/// Site-1's CJ command, or `None` (with the reason printed) when the test must be skipped.
-fn cj_command() -> Option<String> {
+/// Site-1's CJ command: `FEDRUN_E2E_CJ_COMMAND`, else `<fedrun> job`.
+fn cj_command() -> String {
     if let Ok(cmd) = std::env::var(CJ_COMMAND_ENV) {
         if !cmd.trim().is_empty() {
-            return Some(cmd);
+            return cmd;
         }
     }
     let fedrun = env!("CARGO_BIN_EXE_fedrun");
-    let probe = Command::new(fedrun)
-        .args(["job", "--help"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run `fedrun job --help`");
-    let stderr = String::from_utf8_lossy(&probe.stderr);
-    if !probe.status.success() && stderr.contains("unrecognized subcommand") {
-        eprintln!(
-            "SKIP nvflare_job: this fedrun binary has no `job` subcommand yet; set {CJ_COMMAND_ENV} \
-             (e.g. to tests/e2e/stock_worker.sh) to run the scenarios with another CJ"
-        );
-        return None;
-    }
-    Some(format!("{fedrun} job"))
+    format!("{fedrun} job")
 }
 
 /// The harness process; stopped (SIGTERM, then SIGKILL by pid) if still running when dropped.
@@ -119,7 +105,7 @@ fn run_scenario(label: &str, args: &[&str]) -> Option<Json> {
         );
         return None;
     };
-    let cj = cj_command()?;
+    let cj = cj_command();
     let mut cmd = Command::new(&python);
     cmd.arg(harness_path())
         .args(args)
