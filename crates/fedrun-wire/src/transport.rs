@@ -1314,8 +1314,10 @@ impl Inner {
             rx,
             control_rx,
             cancel.clone(),
-            self.config.send_timeout,
-            Arc::from(self.config.outgoing_headers.clone()),
+            WriteOptions {
+                send_timeout: self.config.send_timeout,
+                outgoing_headers: Arc::from(self.config.outgoing_headers.clone()),
+            },
         ));
         // everything the reader sends is an answer: it goes on the control queue
         let outcome = self.read_loop(&peer, reader, &control_tx, &cancel).await;
@@ -1481,6 +1483,14 @@ async fn write_frame(
     Ok(())
 }
 
+/// What a connection's writer applies to every frame.
+struct WriteOptions {
+    /// How long writing one frame may take.
+    send_timeout: Duration,
+    /// Headers stamped on every DATA frame ([`WireConfig::outgoing_headers`]).
+    outgoing_headers: Arc<[(String, String)]>,
+}
+
 async fn write_loop(
     own: Fqcn,
     peer: Fqcn,
@@ -1488,9 +1498,12 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Outbound>,
     mut control: mpsc::Receiver<Outbound>,
     cancel: CancellationToken,
-    send_timeout: Duration,
-    outgoing_headers: Arc<[(String, String)]>,
+    options: WriteOptions,
 ) {
+    let WriteOptions {
+        send_timeout,
+        outgoing_headers,
+    } = options;
     // The handshake frame was sequence 1.
     let mut sequence: u16 = 1;
     let mut stream_id: u16 = STREAM_ID_BASE;
