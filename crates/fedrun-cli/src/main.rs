@@ -138,16 +138,34 @@ fn main() -> ExitCode {
         Credentials::default()
     };
     let cli = Cli::parse();
-    // Quiet by default so the progress bar stays clean; RUST_LOG=info shows the engines' logs.
-    // A job process logs at info: its output is the site's log of the job.
-    let default_level = if is_job { "info" } else { "warn" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        .init();
+    if !is_job {
+        // Quiet by default so the progress bar stays clean; RUST_LOG=info shows the engines'
+        // logs. A job process sets up its own log once it knows its job directory.
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    }
     match cli.command {
         Command::Simulate(args) => run_simulate(args),
         Command::Server(args) => run_server(args),
         Command::Client(args) => run_client_cmd(args),
         Command::Job(args) => run_job_cmd(args, credentials),
+    }
+}
+
+/// Writes everything to both writers (the job's log goes to the console and to its file).
+struct Tee<A, B>(A, B);
+
+impl<A: Write, B: Write> Write for Tee<A, B> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // a full console must not lose the file's copy, nor the other way round
+        let a = self.0.write_all(buf);
+        let b = self.1.write_all(buf);
+        a.and(b).map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let a = self.0.flush();
+        let b = self.1.flush();
+        a.and(b)
     }
 }
 
@@ -159,6 +177,28 @@ fn run_job_cmd(args: JobArgs, credentials: Credentials) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Logs at info by default, to standard error (the client parent's console) and to the
+    // job's own log file `<ws>/<job>/log.txt`, where NVFlare's job process writes its log.
+    let log_file = args.workspace.join(&args.job_id).join("log.txt");
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_file)
+    {
+        Ok(file) => {
+            logger.target(env_logger::Target::Pipe(Box::new(Tee(
+                std::io::stderr(),
+                file,
+            ))));
+        }
+        Err(e) => eprintln!(
+            "fedrun job: cannot write {} ({e}); logging to standard error only",
+            log_file.display()
+        ),
+    }
+    logger.init();
     let site = args.client_name.clone();
     let job_id = args.job_id.clone();
     match actix::System::new().block_on(run_job(args, JobOptions::default())) {
