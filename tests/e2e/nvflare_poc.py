@@ -5,8 +5,9 @@ Why this exists: fedrun's `fedrun job` must be a drop-in replacement for NVFlare
 process. The only convincing test is a real federation: a real server, two real client parents
 (CPs), the real admin API, a real ScatterAndGather job. This harness builds such a POC in a scratch
 directory, switches site-1 to fedrun's site launcher (crates/fedrun-cli/nvflare/fedrun_launcher.py)
-with a given CJ command, runs the hello-numpy job (or aborts it), checks the outcome from the
-outside (job status, CP logs, server log, the final model file) and prints ONE JSON line:
+with a given CJ command, runs the hello-numpy job (or aborts it, or runs hello-numpy-cross-val:
+the same training, then cross-site validation), checks the outcome from the outside (job status,
+CP logs, server log, the final model file, the cross-validation results) and prints ONE JSON line:
 
     {"result": "PASS" | "FAIL", "scenario": ..., "errors": [...], "timings": {...}, ...}
 
@@ -17,6 +18,7 @@ Run by hand (with the stock worker behind the launcher):
     .venv/bin/python tests/e2e/nvflare_poc.py --mode clear --scenario complete
     .venv/bin/python tests/e2e/nvflare_poc.py --mode clear --scenario complete --np-download-chunk-size 0
     .venv/bin/python tests/e2e/nvflare_poc.py --mode clear --scenario abort
+    .venv/bin/python tests/e2e/nvflare_poc.py --mode clear --scenario cross_val
     .venv/bin/python tests/e2e/nvflare_poc.py --mode default --scenario complete \
         --cj-command "$PWD/target/debug/fedrun job"
 
@@ -56,6 +58,8 @@ SITES = ("site-1", "site-2")
 ADMIN = "admin@nvidia.com"
 EXPECTED_MODEL = [[3.0, 4.0, 5.0], [6.0, 7.0, 8.0], [9.0, 10.0, 11.0]]
 NUM_ROUNDS = 2
+# CrossSiteModelEval's name for the server model NPModelLocator finds ("SRV_" + "server").
+SERVER_MODEL_OWNER = "SRV_server"
 
 RC_LINE = re.compile(r"run \((?P<job>[0-9a-f-]+)\): child worker process finished with RC (?P<rc>-?\d+)")
 ACCEPT_LINE = re.compile(r"Contribution from (?P<site>site-\d+) ACCEPTED by the aggregator at round (?P<round>\d+)")
@@ -325,6 +329,48 @@ def write_job(jobs_dir, name, sleep_time, np_download_chunk_size, opt_in_key, nu
     return job
 
 
+def write_cross_val_job(jobs_dir, name, opt_in_key):
+    """A copy of NVFlare's hello-numpy-cross-val job (job template sag_cross_np): ScatterAndGather
+    (NPTrainer +1 per round, NPModelPersistor, 2 rounds) then CrossSiteModelEval, which asks every
+    client for its local model (`submit_model`, NPTrainer) and has every client validate the
+    server's model and every submitted model (`validate`, NPValidator). NPModelLocator finds the
+    server's model, NPFormatter formats the results and ValidationJsonGenerator writes them to
+    `<run dir>/cross_site_val/cross_val_results.json` as {data_client: {model_owner: metrics}}.
+    Timeouts are short: a lost task must fail the run within the harness's deadline."""
+    job = write_job(jobs_dir, name, 0, None, opt_in_key, train_timeout=30)
+    cfg = os.path.join(job, "app", "config")
+    server_path = os.path.join(cfg, "config_fed_server.json")
+    server = read_json(server_path)
+    server["components"] += [
+        {"id": "model_locator", "path": "nvflare.app_common.np.np_model_locator.NPModelLocator", "args": {}},
+        {"id": "formatter", "path": "nvflare.app_common.np.np_formatter.NPFormatter", "args": {}},
+        {"id": "json_generator", "path": "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
+         "args": {}},
+    ]
+    server["workflows"].append({
+        "id": "cross_site_model_eval",
+        "path": "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval",
+        "args": {
+            "model_locator_id": "model_locator",
+            "formatter_id": "formatter",
+            "submit_model_timeout": 30,
+            "validation_timeout": 30,
+            "cleanup_models": False,
+        },
+    })
+    write_json(server_path, server)
+    client_path = os.path.join(cfg, "config_fed_client.json")
+    client = read_json(client_path)
+    client["executors"] = [
+        {"tasks": ["train", "submit_model"],
+         "executor": {"path": "nvflare.app_common.np.np_trainer.NPTrainer", "args": {}}},
+        {"tasks": ["validate"],
+         "executor": {"path": "nvflare.app_common.np.np_validator.NPValidator", "args": {}}},
+    ]
+    write_json(client_path, client)
+    return job
+
+
 # ---------------------------------------------------------------------------------------------
 # Waiting on logs
 
@@ -447,8 +493,11 @@ def run(args, scratch, procs, result):
     result["logs"] = poc.logs
     try:
         sleep_time = args.sleep_time if args.sleep_time is not None else (30 if args.scenario == "abort" else 0)
-        job_dir = write_job(os.path.join(scratch, "jobs"), "hello-numpy", sleep_time, args.np_download_chunk_size,
-                            args.opt_in_key)
+        if args.scenario == "cross_val":
+            job_dir = write_cross_val_job(os.path.join(scratch, "jobs"), "hello-numpy-cross-val", args.opt_in_key)
+        else:
+            job_dir = write_job(os.path.join(scratch, "jobs"), "hello-numpy", sleep_time, args.np_download_chunk_size,
+                                args.opt_in_key)
         t_submit = time.monotonic()
         job_id = sess.submit_job(job_dir)
         result["job_id"] = job_id
@@ -518,7 +567,7 @@ def run(args, scratch, procs, result):
         if "reaching the server through the parent" not in s1:
             errors.append("site-1: fedrun's CJ did not say it reaches the server through its parent")
 
-    if args.scenario == "complete":
+    if args.scenario in ("complete", "cross_val"):
         server_text = read_text(server_log) + read_text(os.path.join(kit, "server", job_id, "log.txt"))
         accepted = {(m.group("site"), int(m.group("round"))) for m in ACCEPT_LINE.finditer(server_text)}
         result["accepted"] = sorted(f"{s}@{r}" for s, r in accepted)
@@ -526,7 +575,11 @@ def run(args, scratch, procs, result):
             for site in SITES:
                 if (site, r) not in accepted:
                     errors.append(f"server did not log an accepted contribution from {site} in round {r}")
-        check_model(kit, job_id, sess, result)
+    files = JobFiles(kit, job_id, sess, errors)
+    if args.scenario in ("complete", "cross_val"):
+        check_model(files, result)
+    if args.scenario == "cross_val":
+        check_cross_val(files, result)
     sess_close(sess)
 
 
@@ -537,24 +590,47 @@ def sess_close(sess):
         pass
 
 
-def check_model(kit, job_id, sess, result):
+class JobFiles:
+    """Files of the server's job workspace: in the run dir if it is still there, else in the job
+    result fetched with download_job_result (the server moves the workspace into its job store
+    when the job ends). The download is done at most once and reused."""
+
+    def __init__(self, kit, job_id, sess, errors):
+        self.run_dir = os.path.join(kit, "server", job_id)
+        self.job_id = job_id
+        self.sess = sess
+        self.errors = errors
+        self.download = None
+        self.tried = False
+
+    def find(self, relative):
+        local = os.path.join(self.run_dir, relative)
+        if os.path.exists(local):
+            return local
+        if not self.tried:
+            self.tried = True
+            try:
+                self.download = self.sess.download_job_result(self.job_id)
+            except Exception as e:  # reported once; every caller then says what it missed
+                self.errors.append(f"could not download the job result: {e}")
+        if not self.download:
+            return None
+        wanted = os.sep + os.path.normpath(relative)
+        for root, _, files in os.walk(self.download):
+            for name in files:
+                path = os.path.join(root, name)
+                if os.path.normpath(path).endswith(wanted):
+                    return path
+        return None
+
+
+def check_model(files, result):
     """The final global model saved by NPModelPersistor in the server's job workspace."""
     import numpy as np
 
-    candidates = [os.path.join(kit, "server", job_id, "models", "server.npy")]
-    path = next((p for p in candidates if os.path.exists(p)), None)
+    path = files.find(os.path.join("models", "server.npy"))
     if path is None:
-        # The server may already have moved the job workspace into its job store; fetch it.
-        try:
-            dl = sess.download_job_result(job_id)
-            for root, _, files in os.walk(dl):
-                if "server.npy" in files:
-                    path = os.path.join(root, "server.npy")
-                    break
-        except Exception as e:  # report below
-            result["errors"].append(f"could not download the job result: {e}")
-    if path is None:
-        result["errors"].append(f"final model server.npy not found (looked in {candidates} and the job result)")
+        result["errors"].append("final model models/server.npy not found (run dir and job result)")
         return
     model = np.load(path, allow_pickle=False)
     result["model"] = model.tolist()
@@ -563,10 +639,56 @@ def check_model(kit, job_id, sess, result):
         result["errors"].append(f"final model {model.tolist()} != {EXPECTED_MODEL}")
 
 
+def check_cross_val(files, result):
+    """The cross-site validation results ValidationJsonGenerator wrote into the server's job
+    workspace, as {data_client: {model_owner: metrics}}. Every client validates the server's model
+    (SRV_server) and every submitted client model. Checked: site-1 (the CJ under test, as
+    NPValidator) validated each of them, and site-2 validated site-1's model (so site-1's
+    submit_model reply was a model). Every model is [[3..11]] after 2 rounds (the clients' local
+    models are their last training result), so each accuracy is 63/11 + random in [0, 1)."""
+    errors = result["errors"]
+    path = files.find(os.path.join("cross_site_val", "cross_val_results.json"))
+    if path is None:
+        errors.append("cross_site_val/cross_val_results.json not found (run dir and job result)")
+        return
+    try:
+        results = read_json(path)
+    except (OSError, ValueError) as e:
+        errors.append(f"cross-val results {path} unreadable: {e}")
+        return
+    result["cross_val"] = results
+    result["cross_val_path"] = path
+    if not isinstance(results, dict):
+        errors.append(f"cross-val results are not an object: {results!r}")
+        return
+    low = sum(sum(row) for row in EXPECTED_MODEL) / max(max(row) for row in EXPECTED_MODEL)
+    expected = {
+        FEDRUN_SITE: [SERVER_MODEL_OWNER] + list(SITES),
+        "site-2": [FEDRUN_SITE],
+    }
+    for data_client, owners in expected.items():
+        made = results.get(data_client)
+        if not isinstance(made, dict):
+            errors.append(f"cross-val: no validation results made by {data_client} (have {sorted(results)})")
+            continue
+        for owner in owners:
+            metrics = made.get(owner)
+            if not isinstance(metrics, dict):
+                errors.append(f"cross-val: {data_client} has no result for {owner}'s model (has {sorted(made)})")
+                continue
+            acc = metrics.get("accuracy")
+            if isinstance(acc, bool) or not isinstance(acc, (int, float)):
+                errors.append(f"cross-val: {data_client} on {owner}'s model: accuracy {acc!r} is not a number")
+            elif not low <= acc < low + 1:
+                errors.append(f"cross-val: {data_client} on {owner}'s model: accuracy {acc} not in [{low}, {low + 1})")
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("clear", "default"), default="clear")
-    ap.add_argument("--scenario", choices=("complete", "abort"), default="complete")
+    ap.add_argument("--scenario", choices=("complete", "abort", "cross_val"), default="complete",
+                    help="complete: hello-numpy SAG; abort: abort it during a task; "
+                         "cross_val: SAG then CrossSiteModelEval (hello-numpy-cross-val)")
     ap.add_argument("--cj-command", default=STOCK_WORKER,
                     help="site-1's CJ command (absolute program + args), default: the stock worker wrapper")
     ap.add_argument("--cj-env", action="append", default=[], metavar="K=V", help="extra env for site-1's CJ")
