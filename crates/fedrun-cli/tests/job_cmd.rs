@@ -41,7 +41,7 @@ use fedrun_cli::cj::parent::{
 use fedrun_cli::factories::server_factories;
 use fedrun_cli::job::JobDefinition;
 use fedrun_core::{CellReturnCode, Map, NdArray, Value};
-use fedrun_server::{ServerError, ServerJob, ServerJobConfig, WorkflowOutcome};
+use fedrun_server::{ServerError, ServerJob, ServerJobConfig, WorkflowEvent, WorkflowOutcome};
 use fedrun_wire::{TcpTransport, WireConfig};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -84,6 +84,14 @@ struct Server {
     addr: SocketAddr,
     job: ServerJob,
     run: Option<tokio::task::JoinHandle<Result<Vec<WorkflowOutcome>, ServerError>>>,
+    events: mpsc::UnboundedReceiver<WorkflowEvent>,
+}
+
+/// What the server saw of a run: the workflows' outcomes, and its endpoint's peers at each
+/// result it received (the client job is connected then, whichever way it is).
+struct ServerView {
+    outcomes: Vec<WorkflowOutcome>,
+    peers_at_results: Vec<Vec<Fqcn>>,
 }
 
 impl Server {
@@ -98,8 +106,10 @@ impl Server {
             .unwrap();
         let transport = TcpTransport::new(Fqcn::SERVER, WireConfig::default());
         let addr = transport.add_listener("tcp://127.0.0.1:0").await.unwrap();
+        let (events_tx, events) = mpsc::unbounded_channel();
         let server = ServerJob::builder(job_id)
             .job_clients(&[SITE])
+            .events(events_tx)
             .poll_interval(Duration::from_millis(50))
             .start_on(transport.clone())
             .await
@@ -112,15 +122,34 @@ impl Server {
             addr,
             job: server,
             run: Some(run),
+            events,
         }
     }
 
-    /// The workflows' outcomes, once they ended (at most [`DEADLINE`]); `job_log` is shown if
-    /// they did not.
-    async fn outcome(&mut self, job_log: impl Fn() -> String) -> Vec<WorkflowOutcome> {
-        let run = self.run.take().expect("the run is awaited once");
-        match tokio::time::timeout(DEADLINE, run).await {
-            Ok(Ok(Ok(outcomes))) => outcomes,
+    /// Waits (at most [`DEADLINE`]) for the workflows to end, noting the endpoint's peers at
+    /// each result received; `job_log` is shown if they did not end well.
+    async fn outcome(&mut self, job_log: impl Fn() -> String) -> ServerView {
+        let mut run = self.run.take().expect("the run is awaited once");
+        let mut peers_at_results = Vec::new();
+        let ended = tokio::time::timeout(DEADLINE, async {
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(event) = self.events.recv() => {
+                        if matches!(event, WorkflowEvent::ResultReceived { .. }) {
+                            peers_at_results.push(self.transport.peers());
+                        }
+                    }
+                    result = &mut run => break result,
+                }
+            }
+        })
+        .await;
+        match ended {
+            Ok(Ok(Ok(outcomes))) => ServerView {
+                outcomes,
+                peers_at_results,
+            },
             Ok(Ok(Err(e))) => panic!("the workflows failed: {e}\n{}", job_log()),
             Ok(Err(e)) => panic!("the workflows panicked: {e}\n{}", job_log()),
             Err(_) => panic!(
@@ -513,12 +542,22 @@ fn assert_final_model(outcomes: &[WorkflowOutcome], server_ws: &Path, site_ws: &
     assert_eq!(local.to_f32_vec().unwrap(), expected_final_model());
 }
 
+/// The server endpoint's peers during a run.
+struct ServerPeers {
+    job_cell: Fqcn,
+    /// When the parent was told STARTED (the job's connections are up by then).
+    at_started: Vec<Fqcn>,
+    /// At each result the server received.
+    at_results: Vec<Vec<Fqcn>>,
+}
+
 /// Runs hello-numpy with the job process in `kit`'s mode to its end; checks the exit, the
-/// notifications, the model, and returns the server's peers seen while the job was started.
-async fn run_to_completion(kit: Kit) -> Vec<Fqcn> {
+/// notifications and the model, and returns the server endpoint's peers during the run.
+async fn run_to_completion(kit: Kit) -> ServerPeers {
     let dir = temp_dir(kit.scheme());
     let (server_ws, site_ws) = (dir.join("server"), dir.join(SITE));
     let job_id = format!("hello-{}", uuid::Uuid::new_v4());
+    let job_cell = Fqcn::job_cell(SITE, &job_id).unwrap();
     let mut server = Server::start(&job_id, &server_ws).await;
     let relay_to = matches!(kit, Kit::Http).then_some(server.addr);
     let mut parent = FakeParent::start(relay_to).await;
@@ -528,20 +567,17 @@ async fn run_to_completion(kit: Kit) -> Vec<Fqcn> {
         true,
     );
 
-    // The job tells its parent it started only once its connections are up (and before its
-    // first task), so the server's peers now show whether the job connected to it directly.
+    // The job tells its parent it started once its connections are up, before its first task.
     let started = parent.next_notice().await;
     assert_eq!(status_of(&started, &job_id), 2);
-    let server_peers = server.transport.peers();
+    let at_started = server.transport.peers();
     assert!(
-        parent
-            .transport
-            .is_connected(&Fqcn::job_cell(SITE, &job_id).unwrap()),
+        parent.transport.is_connected(&job_cell),
         "the job connected to its parent: {:?}",
         parent.transport.peers()
     );
 
-    let outcomes = server.outcome(|| job.log()).await;
+    let view = server.outcome(|| job.log()).await;
     let (status, log) = job.finish(DEADLINE).await;
     assert_exit_0(status, &log);
     let mut notices = vec![started];
@@ -549,30 +585,41 @@ async fn run_to_completion(kit: Kit) -> Vec<Fqcn> {
     let statuses: Vec<i64> = notices.iter().map(|n| status_of(n, &job_id)).collect();
     assert_eq!(statuses, [2, 3], "{log}");
     assert!(log.contains("fedrun job exits with 0 (EndRun)"), "{log}");
-    assert_final_model(&outcomes, &server_ws, &site_ws, &job_id);
+    assert_final_model(&view.outcomes, &server_ws, &site_ws, &job_id);
     // NVFlare's job log file
     let file_log = std::fs::read_to_string(site_ws.join(&job_id).join("log.txt")).unwrap();
     assert!(file_log.contains("fedrun job exits with 0"), "{file_log}");
+    // one result per round
+    assert_eq!(view.peers_at_results.len(), 2);
 
     parent.stop().await;
     server.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
-    server_peers
+    ServerPeers {
+        job_cell,
+        at_started,
+        at_results: view.peers_at_results,
+    }
 }
 
 #[actix::test]
 async fn a_run_completes_with_exit_0_started_then_stopped_and_the_expected_model() {
     let peers = run_to_completion(Kit::ClearTcp).await;
     // on a clear tcp kit the job has its own connection to the server
-    assert_eq!(peers.len(), 1, "{peers:?}");
-    assert!(peers[0].as_str().starts_with("site-1.hello-"), "{peers:?}");
+    for seen in &peers.at_results {
+        assert_eq!(seen, std::slice::from_ref(&peers.job_cell));
+    }
 }
 
 #[actix::test]
 async fn on_an_http_kit_the_job_reaches_the_server_only_through_its_relaying_parent() {
     let peers = run_to_completion(Kit::Http).await;
     // the server's only peer is the CP endpoint: every message of the job was relayed
-    assert_eq!(peers, [Fqcn::new(SITE).unwrap()]);
+    let parent_only = [Fqcn::new(SITE).unwrap()];
+    assert_eq!(peers.at_started, parent_only);
+    for seen in &peers.at_results {
+        assert_eq!(seen, &parent_only, "{} never a peer", peers.job_cell);
+    }
 }
 
 #[actix::test]
