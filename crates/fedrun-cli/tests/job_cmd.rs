@@ -15,9 +15,8 @@
 //!   process gets the stock worker's command line with its credentials in
 //!   `NVFLARE_JOB_AUTH_TOKEN`/`NVFLARE_JOB_TOKEN_SIGNATURE`/`NVFLARE_JOB_SSID`.
 //!
-//! The job's config sets `np_download_chunk_size` 0 (arrays inline in task results): fedrun's
-//! server job does not resolve NVFlare's download references, the job's default for arrays.
-//! Download references are covered against NVFlare's server by `tests/nvflare_job.rs`.
+//! The job keeps NVFlare's default `np_download_chunk_size`: the job's results leave as
+//! download references, which fedrun's server job pulls from the job before it aggregates.
 //!
 //! Not covered here: a parent that never listens. `fedrun job` waits 60 s for its parent
 //! (`cj::DEFAULT_CONNECT_TIMEOUT`) and the command line has no option to shorten that, which is
@@ -332,9 +331,6 @@ impl Kit {
 fn deploy(ws: &Path, job_id: &str, server: SocketAddr, kit: Kit, sleep_time: Option<f64>) {
     let job = JobDefinition::load(&example()).unwrap();
     let mut client = job.client_config.clone();
-    // Task results with their arrays inline: fedrun's server job has no resolver for NVFlare's
-    // download references (the job's default for numpy arrays), NVFlare's server has.
-    client["np_download_chunk_size"] = json!(0);
     if let Some(secs) = sleep_time {
         client["executors"][0]["executor"]["args"] = json!({ "sleep_time": secs });
     }

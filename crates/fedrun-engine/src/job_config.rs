@@ -186,7 +186,10 @@ impl ClientJobConfig {
         }
         for key in top.keys() {
             if !KNOWN_KEYS.contains(&key.as_str()) {
-                log::warn!("client job config: unknown top-level key '{key}' ignored");
+                // NVFlare reads every other top-level key as a configuration variable
+                // (`np_download_chunk_size`, `app_script`, ...), used by substitutions and
+                // by the job process, not as a section to build.
+                log::debug!("client job config: top-level key '{key}' is a configuration variable");
             }
         }
 

@@ -171,6 +171,16 @@ impl ServerJobBuilder {
 
     async fn wire(self, cell: CellHandle, meta: Value) -> Result<ServerJob, ServerError> {
         let job_id = self.job_id;
+        // A client job may send its results' arrays as NVFlare download references (NVFlare's
+        // default): they are pulled from the client before the task manager sees the result.
+        let resolver = fedrun_engine::download::ArrayResolver::new(
+            cell.clone(),
+            SERVER_IDENTITY,
+            &job_id,
+            fedrun_engine::download::DownloadConfig::default(),
+        );
+        cell.set_payload_resolver(Some(std::sync::Arc::new(resolver)))
+            .await?;
         let run_info = RunInfo::new(
             RunInfoConfig::new(SERVER_IDENTITY, &job_id)
                 .with_job_meta(meta)
