@@ -187,19 +187,19 @@ impl Dxo {
             Some(v) => DataKind::from_value(v)?,
             None => return Err(CoreError::InvalidDxo("missing 'kind'".to_owned())),
         };
-        let data = match d.get("data") {
-            Some(Value::Map(m)) => m.clone(),
-            Some(other) => {
+        let data = match d.get("data").map(dict_of) {
+            Some(Some(m)) => m.clone(),
+            Some(None) => {
+                let other = d.get("data").map_or("nothing", Value::kind);
                 return Err(CoreError::InvalidDxo(format!(
-                    "'data' must be a dict but got {}",
-                    other.kind()
-                )))
+                    "'data' must be a dict but got {other}"
+                )));
             }
             None => return Err(CoreError::InvalidDxo("missing 'data'".to_owned())),
         };
         let meta = match d.get("meta") {
             None | Some(Value::Nil) => Map::new(),
-            Some(Value::Map(m)) => m.clone(),
+            Some(v) if dict_of(v).is_some() => dict_of(v).cloned().unwrap_or_default(),
             Some(other) => {
                 return Err(CoreError::InvalidDxo(format!(
                     "'meta' must be a dict but got {}",
@@ -208,6 +208,23 @@ impl Dxo {
             }
         };
         Ok(Dxo { kind, data, meta })
+    }
+}
+
+/// The NVFlare decomposer of `dict` subclasses (`Shareable`, `ModelLearnable`, ...).
+const DICT_DECOMPOSER: &str = "nvflare.fuel.utils.fobs.decomposer.DictDecomposer";
+
+/// The dict a value is, as Python sees it: a plain map, or a `dict` subclass that FOBS tagged
+/// with its `DictDecomposer` (NVFlare's `NPTrainer` submits its model as a `ModelLearnable`, a
+/// `dict` subclass, in a DXO's `data`; Python's DXO check accepts any dict).
+fn dict_of(v: &Value) -> Option<&Map> {
+    match v {
+        Value::Map(m) => Some(m),
+        Value::Tagged(t) if t.decomposer == DICT_DECOMPOSER => match &t.data {
+            Value::Map(m) => Some(m),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -412,5 +429,32 @@ mod tests {
             d.remove("meta");
         }
         assert!(Dxo::from_shareable(&s).unwrap().meta.is_empty());
+    }
+
+    #[test]
+    fn dict_subclasses_in_data_and_meta_read_as_dicts_other_tags_do_not() {
+        // NVFlare's NPTrainer submits its model as a ModelLearnable, a dict subclass that FOBS
+        // tags with its DictDecomposer
+        let learnable = |data: Map| {
+            Value::Tagged(Box::new(crate::Tagged {
+                type_name: "nvflare.app_common.abstract.model.ModelLearnable".to_owned(),
+                decomposer: DICT_DECOMPOSER.to_owned(),
+                data: Value::Map(data),
+            }))
+        };
+        let dxo = weights();
+        let mut s = dxo.to_shareable();
+        if let Some(Value::Map(d)) = s.get_mut("DXO") {
+            d.insert("data", learnable(dxo.data.clone()));
+            d.insert("meta", learnable(dxo.meta.clone()));
+        }
+        assert_eq!(Dxo::from_shareable(&s).unwrap(), dxo);
+
+        let mut s = dxo.to_shareable();
+        if let Some(Value::Map(d)) = s.get_mut("DXO") {
+            d.insert("data", Value::enum_member("some.Enum", "X"));
+        }
+        let err = Dxo::from_shareable(&s).unwrap_err().to_string();
+        assert!(err.contains("'data' must be a dict"), "{err}");
     }
 }
