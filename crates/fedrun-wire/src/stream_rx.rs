@@ -29,7 +29,7 @@ use fedrun_cell::{header, CellMessage, Fqcn, Headers, MsgType, Payload, PayloadE
 use fedrun_core::{CellReturnCode, Value};
 
 use crate::frame::epoch_secs;
-use crate::message::{decode_payload_with_refs, encode_payload_with, ref_datums};
+use crate::message::{decode_payload_with_refs, encode_payload_body_with, ref_datums};
 use crate::stream::{
     key, Chunk, DataType, StreamMessage, RETURN_ONLY_CHANNEL, STREAM_CHANNEL, TOPIC_ACK,
     TOPIC_DATA, TOPIC_ERROR,
@@ -548,8 +548,10 @@ impl StreamReceiver {
             log::warn!("endpoint {own}: streamed reply to an invalid origin: {e}");
             CellReturnCode::InvalidTarget
         })?;
-        let encoded =
-            ref_datums(&reply.headers).and_then(|refs| encode_payload_with(&reply.payload, &refs));
+        // as segments: a big `bytes` value (a download item, an array) is sliced into the
+        // chunks where it lies, never copied into one encoding buffer first
+        let encoded = ref_datums(&reply.headers)
+            .and_then(|refs| encode_payload_body_with(&reply.payload, &refs));
         let (encoding, blob) = encoded.map_err(|e| {
             log::warn!("endpoint {own}: streamed reply to {requester} not sent: {e}");
             CellReturnCode::CommError
@@ -560,7 +562,7 @@ impl StreamReceiver {
         let code = reply.return_code();
         let mut pieces: Vec<Bytes> = (0..blob.len())
             .step_by(chunk_size)
-            .map(|at| blob.slice(at..at.saturating_add(chunk_size).min(blob.len())))
+            .map(|at| blob.slice_bytes(at, at.saturating_add(chunk_size)))
             .collect();
         if pieces.is_empty() {
             pieces.push(Bytes::new());
@@ -815,6 +817,37 @@ mod tests {
             joined.extend_from_slice(c.payload.as_bytes().unwrap());
         }
         assert_eq!(joined, blob.to_vec());
+    }
+
+    #[test]
+    fn a_big_bytes_value_in_a_fobs_reply_is_sliced_into_the_chunks_not_copied() {
+        let own = Fqcn::new("site-1.job1").unwrap();
+        let item = Bytes::from(vec![9u8; 3 * SEND_CHUNK_SIZE]);
+        let mut body = fedrun_core::Map::new();
+        body.insert("status", "ok");
+        body.insert("data", Value::Array(vec![Value::Bin(item.clone())]));
+        let mut reply = CellMessage::new(Payload::value(Value::Map(body)));
+        reply.headers.set_origin("site-1.job1");
+        let (_, chunks) = receiver()
+            .reply_chunks(&own, &pending(), &reply, &params())
+            .unwrap();
+        let range = item.as_ptr_range();
+        let inside = chunks
+            .iter()
+            .filter_map(|c| c.payload.as_bytes())
+            .filter(|b| range.contains(&b.as_ptr()))
+            .count();
+        // every whole chunk within the item points into the item's own buffer
+        assert!(
+            inside >= 2,
+            "only {inside} chunk(s) share the item's buffer"
+        );
+        let joined: Vec<u8> = chunks
+            .iter()
+            .flat_map(|c| c.payload.as_bytes().unwrap().to_vec())
+            .collect();
+        let (_, whole) = crate::message::encode_payload(&reply.payload).unwrap();
+        assert_eq!(joined, whole.to_vec());
     }
 
     #[test]
