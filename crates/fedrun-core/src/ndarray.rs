@@ -157,6 +157,66 @@ impl fmt::Debug for NdArray {
     }
 }
 
+/// An array whose `.npy` buffer one owner holds alone ([`NdArray::try_into_mut`]): its element
+/// bytes can be changed in place, its header cannot. [`NdArrayMut::freeze`] makes it an
+/// [`NdArray`] again without copying.
+pub struct NdArrayMut {
+    npy: BytesMut,
+    info: Arc<NpyInfo>,
+}
+
+impl fmt::Debug for NdArrayMut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NdArrayMut")
+            .field("descr", &self.info.descr)
+            .field("shape", &self.info.shape)
+            .field("npy_len", &self.npy.len())
+            .finish()
+    }
+}
+
+impl NdArrayMut {
+    /// numpy's descr string, e.g. `"<f4"`.
+    pub fn descr(&self) -> &str {
+        &self.info.descr
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> &DType {
+        &self.info.dtype
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.info.shape
+    }
+
+    /// The `.npy` bytes (header and data).
+    pub fn npy(&self) -> &[u8] {
+        &self.npy
+    }
+
+    /// The raw element bytes, to change in place (the header stays as it is, so the length and
+    /// layout are fixed).
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        let at = self.info.data_offset.min(self.npy.len());
+        &mut self.npy[at..]
+    }
+
+    /// Back to a shared [`NdArray`], without copying.
+    pub fn freeze(self) -> NdArray {
+        NdArray {
+            npy: self.npy.freeze(),
+            info: self.info,
+        }
+    }
+
+    /// The owned `.npy` buffer (e.g. to frame it as a zip entry in place).
+    pub fn into_npy(self) -> BytesMut {
+        self.npy
+    }
+}
+
 /// What the preamble of a `.npy` file says, read from its first bytes only (e.g. the first piece
 /// of a stream), so that a receiver can size and check what follows.
 ///
@@ -302,6 +362,47 @@ impl NdArray {
     /// array's own byte order. A zero-copy slice of the `.npy` bytes.
     pub fn data(&self) -> Bytes {
         self.npy.slice(self.info.data_offset..)
+    }
+
+    /// Whether this handle is the only one on the array's buffer (then
+    /// [`NdArray::try_into_mut`] hands it over without copying).
+    pub fn is_unique(&self) -> bool {
+        self.npy.is_unique()
+    }
+
+    /// The array with its buffer to itself, for changing its elements in place, when no other
+    /// handle (clone, slice of the same received buffer) shares it; otherwise the array back,
+    /// untouched. Never copies.
+    ///
+    /// # Example
+    /// ```
+    /// use fedrun_core::NdArray;
+    ///
+    /// let a = NdArray::from_f32(&[2], &[1.0, 2.0]).unwrap();
+    /// let kept = a.clone();
+    /// let a = a.try_into_mut().unwrap_err(); // shared with `kept`
+    /// drop(kept);
+    /// let mut m = a.try_into_mut().unwrap();
+    /// m.data_mut()[..4].copy_from_slice(&5.0f32.to_le_bytes());
+    /// assert_eq!(m.freeze().to_f32_vec().unwrap(), vec![5.0, 2.0]);
+    /// ```
+    pub fn try_into_mut(self) -> Result<NdArrayMut, NdArray> {
+        let NdArray { npy, info } = self;
+        match npy.try_into_mut() {
+            Ok(npy) => Ok(NdArrayMut { npy, info }),
+            Err(npy) => Err(NdArray { npy, info }),
+        }
+    }
+
+    /// [`NdArray::try_into_mut`], copying the bytes when the buffer is shared.
+    pub fn into_mut(self) -> NdArrayMut {
+        match self.try_into_mut() {
+            Ok(m) => m,
+            Err(shared) => NdArrayMut {
+                npy: BytesMut::from(&shared.npy[..]),
+                info: shared.info,
+            },
+        }
     }
 
     fn check_dtype(&self, want: DType) -> Result<(), CoreError> {
