@@ -35,7 +35,7 @@ pub mod ops;
 pub mod trainer;
 pub mod validator;
 
-pub use ops::{add_delta, normalized_sum, Delta, FloatWidth};
+pub use ops::{add_delta, add_delta_owned, normalized_sum, Delta, FloatWidth};
 pub use trainer::{NpTrainer, NpTrainerArgs};
 pub use validator::{NpValidator, NpValidatorArgs};
 

@@ -17,7 +17,6 @@
 //! Anything else (`float16`, complex, strings, objects, ...) is refused with an error naming the
 //! dtype; NVFlare computes some of these, fedrun does not.
 
-use bytes::Bytes;
 use fedrun_core::NdArray;
 
 /// The delta of `NPTrainer` (its `delta` argument): a Python `int`, `float` or `bool`.
@@ -164,14 +163,36 @@ macro_rules! wr {
 /// assert!(add_delta(&i, Delta::Float(0.5)).is_err());
 /// ```
 pub fn add_delta(array: &NdArray, delta: Delta) -> Result<NdArray, String> {
+    add_delta_owned(array.clone(), delta)
+}
+
+/// [`add_delta`] on an array given away: when nothing else shares its buffer (e.g. a model
+/// just downloaded) the elements are changed in place and no second copy of the model is ever
+/// made; otherwise the bytes are copied first, as [`add_delta`] does. On an error the array is
+/// dropped unchanged.
+///
+/// # Example
+/// ```
+/// use fedrun_core::NdArray;
+/// use fedrun_engine::np::{add_delta_owned, Delta};
+///
+/// let a = NdArray::from_f32(&[2], &[1.0, 2.5]).unwrap();
+/// let at = a.npy().as_ptr();
+/// let b = add_delta_owned(a, Delta::Float(0.5)).unwrap();
+/// assert_eq!(b.npy().as_ptr(), at); // the same buffer
+/// assert_eq!(b.to_f32_vec().unwrap(), vec![1.5, 3.0]);
+/// ```
+pub fn add_delta_owned(array: NdArray, delta: Delta) -> Result<NdArray, String> {
     let (elem, big) = parse_descr(array.descr())?;
+    let mut array = array.into_mut();
+    add_in_place(elem, big, array.data_mut(), delta)?;
+    Ok(array.freeze())
+}
+
+/// `data += delta`, elements of kind `elem`; checks everything before changing a byte.
+fn add_in_place(elem: Elem, big: bool, data: &mut [u8], delta: Delta) -> Result<(), String> {
     let size = elem.size();
-    let offset = array.data_offset();
-    let mut npy = array.npy().to_vec();
-    let data = npy
-        .get_mut(offset..)
-        .ok_or_else(|| "the array's data offset lies past its end".to_owned())?;
-    if data.len() % size != 0 {
+    if !data.len().is_multiple_of(size) {
         return Err(format!(
             "the array's data ({} bytes) is not a whole number of {} elements",
             data.len(),
@@ -234,7 +255,7 @@ pub fn add_delta(array: &NdArray, delta: Delta) -> Result<NdArray, String> {
             add_int(elem, data, d, big);
         }
     }
-    NdArray::from_npy(Bytes::from(npy)).map_err(|e| e.to_string())
+    Ok(())
 }
 
 fn delta_kind(delta: Delta) -> &'static str {
@@ -343,6 +364,30 @@ fn nan_max(a: f64, b: f64) -> f64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn an_owned_unshared_array_gets_the_delta_in_its_own_buffer_a_shared_one_is_copied() {
+        let a = NdArray::from_f64(&[3], &[1.0, 2.0, 3.0]).unwrap();
+        let at = a.npy().as_ptr();
+        let b = add_delta_owned(a, Delta::Int(2)).unwrap();
+        assert_eq!(b.npy().as_ptr(), at);
+        assert_eq!(b.to_f64_vec().unwrap(), vec![3.0, 4.0, 5.0]);
+
+        let kept = b.clone();
+        let c = add_delta_owned(b, Delta::Int(1)).unwrap();
+        assert_ne!(c.npy().as_ptr(), at);
+        assert_eq!(kept.to_f64_vec().unwrap(), vec![3.0, 4.0, 5.0]);
+        assert_eq!(c.to_f64_vec().unwrap(), vec![4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn a_refused_delta_changes_nothing_in_a_shared_array() {
+        let a = NdArray::from_i32(&[1], &[7]).unwrap();
+        assert!(add_delta_owned(a.clone(), Delta::Float(0.5)).is_err());
+        assert!(add_delta_owned(a.clone(), Delta::Int(1 << 40)).is_err());
+        assert_eq!(a.to_i32_vec().unwrap(), vec![7]);
+    }
 
     #[test]
     fn float32_plus_int_delta_stays_float32_in_every_byte_order() {

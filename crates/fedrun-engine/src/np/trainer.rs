@@ -27,7 +27,7 @@ use fedrun_core::{AppReturnCode, DataKind, Dxo, FlContext, Map, NdArray, Shareab
 use futures::future::BoxFuture;
 use serde_json::Value as Json;
 
-use super::ops::{add_delta, Delta};
+use super::ops::{add_delta_owned, Delta};
 use super::{
     blocking, load_npy, log_prefix, reply, resolve_under_root, save_npy, sleep_unless_aborted,
     ArgReader, NpError, CURRENT_ROUND, NUMPY_KEY, NUM_ROUNDS, NUM_STEPS_CURRENT_ROUND,
@@ -193,10 +193,16 @@ impl NpTrainer {
             log::error!("{prefix} NPTrainer: no model weights found in the task");
             return reply(AppReturnCode::BadTaskData);
         }
-        let Some(weights) = dxo.data.get(NUMPY_KEY) else {
+        // The DXO's data map holds the only other handle on the model: with the task gone and
+        // the value taken out of the map, a downloaded model's buffer is ours alone and the delta
+        // is added in place (no second copy of a big model).
+        drop(task);
+        let mut dxo = dxo;
+        let Some(slot) = dxo.data.get_mut(NUMPY_KEY) else {
             log::error!("{prefix} NPTrainer: {NUMPY_KEY} not found in the model");
             return reply(AppReturnCode::BadTaskData);
         };
+        let weights = std::mem::take(slot);
         let trained = match add_to_value(weights, self.args.delta) {
             Ok(v) => v,
             Err(e) => {
@@ -212,7 +218,9 @@ impl NpTrainer {
             return reply(AppReturnCode::TaskAborted);
         }
         let mut data = dxo.data;
-        data.insert(NUMPY_KEY, trained);
+        if let Some(slot) = data.get_mut(NUMPY_KEY) {
+            *slot = trained;
+        }
         log::info!(
             "{prefix} NPTrainer: added delta {:?} to {NUMPY_KEY}; {}",
             self.args.delta,
@@ -311,7 +319,13 @@ impl Executor for NpTrainer {
 
 /// `value += delta` for what NVFlare can find under `numpy_key`: an ndarray (numpy's rules) or
 /// a Python number (Python's rules: int + int stays int, anything with a float is a float).
-fn add_to_value(value: &Value, delta: Delta) -> Result<Value, String> {
+/// An array is given away so that its elements can change in place ([`add_delta_owned`]).
+fn add_to_value(value: Value, delta: Delta) -> Result<Value, String> {
+    let value = match value {
+        Value::NdArray(a) => return add_delta_owned(a, delta).map(Value::NdArray),
+        other => other,
+    };
+    let value = &value;
     let int_delta = |d: Delta| match d {
         Delta::Int(i) => Some(i),
         Delta::Bool(b) => Some(i128::from(b)),
@@ -323,7 +337,6 @@ fn add_to_value(value: &Value, delta: Delta) -> Result<Value, String> {
         Delta::Bool(b) => f64::from(u8::from(b)),
     };
     match value {
-        Value::NdArray(a) => add_delta(a, delta).map(Value::NdArray),
         Value::Int(_) | Value::Bool(_) => {
             let base: i128 = match value {
                 Value::Bool(b) => i128::from(*b),
@@ -404,6 +417,20 @@ mod tests {
     fn run(t: &NpTrainer, task_name: &str, task: Shareable) -> Shareable {
         let ctx = FlContext::new();
         futures::executor::block_on(t.execute(task_name, task, &ctx, AbortSignal::new())).unwrap()
+    }
+
+    #[test]
+    fn train_adds_the_delta_in_the_tasks_own_buffer_when_nothing_else_holds_it() {
+        let dir = temp_run_dir();
+        let t = NpTrainer::new(NpTrainerArgs::default(), &dir);
+        let model = NdArray::from_f32(&[4, 4], &[0.5; 16]).unwrap();
+        let at = model.npy().as_ptr();
+        let out = run(&t, "train", weights(model));
+        let dxo = Dxo::from_shareable(&out).unwrap();
+        let trained = dxo.data.get(NUMPY_KEY).and_then(Value::as_ndarray).unwrap();
+        assert_eq!(trained.npy().as_ptr(), at, "the model was copied");
+        assert_eq!(trained.to_f32_vec().unwrap(), vec![1.5; 16]);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
@@ -543,18 +570,18 @@ mod tests {
     #[test]
     fn python_scalars_follow_pythons_arithmetic() {
         assert_eq!(
-            add_to_value(&Value::from(2), Delta::Int(1)),
+            add_to_value(Value::from(2), Delta::Int(1)),
             Ok(Value::from(3))
         );
         assert_eq!(
-            add_to_value(&Value::from(2), Delta::Float(0.5)),
+            add_to_value(Value::from(2), Delta::Float(0.5)),
             Ok(Value::F64(2.5))
         );
         assert_eq!(
-            add_to_value(&Value::F64(1.0), Delta::Bool(true)),
+            add_to_value(Value::F64(1.0), Delta::Bool(true)),
             Ok(Value::F64(2.0))
         );
-        assert!(add_to_value(&Value::from("x"), Delta::Int(1)).is_err());
+        assert!(add_to_value(Value::from("x"), Delta::Int(1)).is_err());
     }
 
     #[actix::test]
