@@ -17,7 +17,7 @@
 //!
 //! # Example
 //! ```
-//! use bytes::Bytes;
+//! use bytes::{Bytes, BytesMut};
 //! use fedrun_fobs::npz;
 //!
 //! let zip = npz::write(&[("T0.npy", b"\x93NUMPY...".as_slice())]).unwrap();
@@ -26,7 +26,7 @@
 //! assert_eq!(&entries[0].data[..], b"\x93NUMPY...");
 //! ```
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 const SIG_LOCAL: u32 = 0x0403_4b50;
 const SIG_CENTRAL: u32 = 0x0201_4b50;
@@ -351,44 +351,111 @@ pub fn write(entries: &[(&str, &[u8])]) -> Result<Vec<u8>, NpzError> {
         let offset = out.len() as u32; // total < u32::MAX checked above
         let crc = crc32(data);
         let size = data.len() as u32;
-        // local header: version 20, no flags, stored, no time, crc, sizes, name, no extra
-        out.extend_from_slice(&SIG_LOCAL.to_le_bytes());
-        out.extend_from_slice(&20u16.to_le_bytes());
-        out.extend_from_slice(&[0; 4]); // flags, method
-        out.extend_from_slice(&[0, 0, 0x21, 0]); // time 00:00, date 1980-01-01
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&size.to_le_bytes());
-        out.extend_from_slice(&size.to_le_bytes());
-        out.extend_from_slice(&name_len.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(name.as_bytes());
+        put_local_header(&mut out, name, name_len, crc, size);
         out.extend_from_slice(data);
-
-        central.extend_from_slice(&SIG_CENTRAL.to_le_bytes());
-        central.extend_from_slice(&20u16.to_le_bytes()); // made by
-        central.extend_from_slice(&20u16.to_le_bytes()); // needed
-        central.extend_from_slice(&[0; 4]); // flags, method
-        central.extend_from_slice(&[0, 0, 0x21, 0]);
-        central.extend_from_slice(&crc.to_le_bytes());
-        central.extend_from_slice(&size.to_le_bytes());
-        central.extend_from_slice(&size.to_le_bytes());
-        central.extend_from_slice(&name_len.to_le_bytes());
-        central.extend_from_slice(&[0; 8]); // extra, comment, disk, internal attrs
-        central.extend_from_slice(&0x0180_0000u32.to_le_bytes()); // external: -rw-------
-        central.extend_from_slice(&offset.to_le_bytes());
-        central.extend_from_slice(name.as_bytes());
+        put_central_entry(&mut central, name, name_len, crc, size, offset);
     }
     let dir_offset = out.len() as u32;
     out.extend_from_slice(&central);
-    let count = entries.len() as u16;
+    put_end_record(
+        &mut out,
+        entries.len() as u16,
+        central.len() as u32,
+        dir_offset,
+    );
+    Ok(out)
+}
+
+/// Turns `buf`, the contents of one entry (a `.npy` file), into the stored zip that
+/// [`write`] makes of `[(name, buf)]`, in the same buffer: the contents move up by the local
+/// header's length (a `memmove`, no second buffer) and the central directory follows them. The
+/// buffer grows by about a hundred bytes, in place when it has the capacity. On an error `buf`
+/// is left as it was.
+///
+/// This is how a big array is served as an `.npz` item without ever being held twice.
+///
+/// # Errors
+///
+/// [`NpzError::TooLarge`] when the entry needs zip64 or the name is too long.
+///
+/// # Example
+/// ```
+/// use bytes::BytesMut;
+/// use fedrun_fobs::npz;
+///
+/// let mut buf = BytesMut::from(&b"\x93NUMPY..."[..]);
+/// npz::frame_in_place("T0.npy", &mut buf).unwrap();
+/// assert_eq!(&buf[..], &npz::write(&[("T0.npy", b"\x93NUMPY...")]).unwrap()[..]);
+/// ```
+pub fn frame_in_place(name: &str, buf: &mut BytesMut) -> Result<(), NpzError> {
+    let total = LOCAL_LEN + CENTRAL_LEN + 2 * name.len() + buf.len() + EOCD_LEN;
+    if total > u32::MAX as usize - 1 {
+        return Err(NpzError::TooLarge(total));
+    }
+    let name_len = u16::try_from(name.len()).map_err(|_| NpzError::TooLarge(name.len()))?;
+    let crc = crc32(buf);
+    let size = buf.len() as u32; // total < u32::MAX checked above
+    let mut head = Vec::with_capacity(LOCAL_LEN + name.len());
+    put_local_header(&mut head, name, name_len, crc, size);
+    let mut tail = Vec::with_capacity(CENTRAL_LEN + name.len() + EOCD_LEN);
+    put_central_entry(&mut tail, name, name_len, crc, size, 0);
+    let central_len = tail.len() as u32;
+    put_end_record(&mut tail, 1, central_len, (head.len() + buf.len()) as u32);
+    let n = buf.len();
+    buf.resize(head.len() + n + tail.len(), 0);
+    buf.copy_within(0..n, head.len());
+    buf[..head.len()].copy_from_slice(&head);
+    buf[head.len() + n..].copy_from_slice(&tail);
+    Ok(())
+}
+
+/// A local header: version 20, no flags, stored, no time, crc, sizes, name, no extra.
+fn put_local_header(out: &mut Vec<u8>, name: &str, name_len: u16, crc: u32, size: u32) {
+    out.extend_from_slice(&SIG_LOCAL.to_le_bytes());
+    out.extend_from_slice(&20u16.to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // flags, method
+    out.extend_from_slice(&[0, 0, 0x21, 0]); // time 00:00, date 1980-01-01
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&name_len.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(name.as_bytes());
+}
+
+/// A central directory entry for a local header at `offset`.
+fn put_central_entry(
+    central: &mut Vec<u8>,
+    name: &str,
+    name_len: u16,
+    crc: u32,
+    size: u32,
+    offset: u32,
+) {
+    central.extend_from_slice(&SIG_CENTRAL.to_le_bytes());
+    central.extend_from_slice(&20u16.to_le_bytes()); // made by
+    central.extend_from_slice(&20u16.to_le_bytes()); // needed
+    central.extend_from_slice(&[0; 4]); // flags, method
+    central.extend_from_slice(&[0, 0, 0x21, 0]);
+    central.extend_from_slice(&crc.to_le_bytes());
+    central.extend_from_slice(&size.to_le_bytes());
+    central.extend_from_slice(&size.to_le_bytes());
+    central.extend_from_slice(&name_len.to_le_bytes());
+    central.extend_from_slice(&[0; 8]); // extra, comment, disk, internal attrs
+    central.extend_from_slice(&0x0180_0000u32.to_le_bytes()); // external: -rw-------
+    central.extend_from_slice(&offset.to_le_bytes());
+    central.extend_from_slice(name.as_bytes());
+}
+
+/// The end-of-central-directory record.
+fn put_end_record(out: &mut Vec<u8>, count: u16, central_len: u32, dir_offset: u32) {
     out.extend_from_slice(&SIG_EOCD.to_le_bytes());
     out.extend_from_slice(&[0; 4]); // disk numbers
     out.extend_from_slice(&count.to_le_bytes());
     out.extend_from_slice(&count.to_le_bytes());
-    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&central_len.to_le_bytes());
     out.extend_from_slice(&dir_offset.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
-    Ok(out)
 }
 
 /// The CRC-32 (IEEE, as zip uses) of `data`.
@@ -431,6 +498,32 @@ mod tests {
 
     fn numpy_item() -> Bytes {
         Bytes::from(hex::decode(NUMPY_SAVEZ).unwrap())
+    }
+
+    #[test]
+    fn framing_in_place_writes_what_write_writes_and_reads_back_zero_copy() {
+        let npy: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut buf = BytesMut::with_capacity(npy.len() + 4096);
+        buf.extend_from_slice(&npy);
+        let at = buf.as_ptr();
+        frame_in_place("T3.npy", &mut buf).unwrap();
+        assert_eq!(buf.as_ptr(), at, "grew in place");
+        assert_eq!(&buf[..], &write(&[("T3.npy", &npy)]).unwrap()[..]);
+        let zip = buf.freeze();
+        let entries = read(&zip).unwrap();
+        assert_eq!(entries[0].name, "T3.npy");
+        assert_eq!(&entries[0].data[..], &npy[..]);
+    }
+
+    #[test]
+    fn framing_a_name_too_long_leaves_the_buffer_unchanged() {
+        let mut buf = BytesMut::from(&b"abc"[..]);
+        let name = "x".repeat(70_000);
+        assert!(matches!(
+            frame_in_place(&name, &mut buf),
+            Err(NpzError::TooLarge(_))
+        ));
+        assert_eq!(&buf[..], b"abc");
     }
 
     #[test]
