@@ -8,8 +8,12 @@
 //! named `T<k>.npy`) up to about `chunk_size` bytes, `state = {start, count}` tells the receiver
 //! what to echo, and `{"status": "eof"}` ends the batch.
 //!
-//! Memory: the offered arrays are kept as they are (shared `.npy` buffers, no copy); only the
-//! batch being served is serialized (one reply, about `chunk_size` bytes). A batch is dropped
+//! Memory: an offered array nothing else holds becomes its `.npz` item in its own buffer when
+//! it is offered (the `.npy` bytes move up by the zip header, the directory follows them), and
+//! that item is what every reply carries: serving it copies nothing, and the wire slices it into
+//! stream chunks where it lies. An array that is still shared (e.g. kept by the sender for a
+//! retry) is kept as it is and written into an `.npz` item when served, so only the batch being
+//! served is serialized (one reply, about `chunk_size` bytes, or one array bigger than that). A batch is dropped
 //! once its receivers have all reached its end or cancelled, or when it was idle for
 //! `idle_expiry`; a finished batch leaves a small tombstone so that a receiver retrying its
 //! last request still gets `eof`. Confirmations are not asked for (no `confirm_expected`), so
@@ -30,10 +34,64 @@ use super::{key, status, tree, DownloadConfig, CHANNEL, TOPIC};
 /// Zip overhead of a one-entry `.npz` item beyond its name and `.npy` bytes.
 const NPZ_OVERHEAD: usize = 30 + 46 + 22;
 
+/// One offered array, as it is served.
+#[derive(Debug)]
+enum Item {
+    /// Its `.npz` item, ready: the array's own buffer, framed in place when the offer was made
+    /// (the array was not shared), so serving it copies nothing.
+    Npz(Bytes),
+    /// An array shared with someone else: its `.npz` item is written when it is served.
+    Array(NdArray),
+    /// An array that cannot be an `.npz` item (over 4 GiB): serving it fails with this.
+    Failed(String),
+}
+
+impl Item {
+    /// The item of array `T<k>` = `a`: framed in place when nothing else holds its buffer.
+    fn new(k: usize, a: NdArray) -> Item {
+        match a.try_into_mut() {
+            Ok(m) => {
+                let mut buf = m.into_npy();
+                match npz::frame_in_place(&item_name(k), &mut buf) {
+                    Ok(()) => Item::Npz(buf.freeze()),
+                    // too large for a plain zip: serving it fails, as writing it would
+                    Err(e) => Item::Failed(format!("item T{k}: {e}")),
+                }
+            }
+            Err(shared) => Item::Array(shared),
+        }
+    }
+
+    /// About how many bytes the item takes in a reply.
+    fn size(&self, k: usize) -> usize {
+        match self {
+            Item::Npz(b) => b.len(),
+            Item::Array(a) => a.npy().len() + 2 * item_name(k).len() + NPZ_OVERHEAD,
+            Item::Failed(_) => 0,
+        }
+    }
+
+    /// The item's bytes (shared for a framed item, written for a shared array).
+    fn bytes(&self, k: usize) -> Result<Bytes, ServeError> {
+        match self {
+            Item::Npz(b) => Ok(b.clone()),
+            Item::Array(a) => npz::write(&[(item_name(k).as_str(), a.npy())])
+                .map(Bytes::from)
+                .map_err(|e| ServeError::Failed(format!("item T{k}: {e}"))),
+            Item::Failed(why) => Err(ServeError::Failed(why.clone())),
+        }
+    }
+}
+
+/// The entry name of array `k`.
+fn item_name(k: usize) -> String {
+    format!("T{k}.npy")
+}
+
 /// One offered batch.
 struct Offer {
     /// `None` once every receiver reached the end (a tombstone).
-    arrays: Option<Vec<NdArray>>,
+    arrays: Option<Vec<Item>>,
     receivers_left: usize,
     last_active: Instant,
 }
@@ -74,9 +132,18 @@ impl Offers {
     }
 
     /// Keeps `arrays` (item `T<k>` = `arrays[k]`) for `receivers` receivers under `ref_id`.
+    ///
+    /// An array nothing else holds is framed as its `.npz` item right away, in its own buffer
+    /// ([`npz::frame_in_place`]): the batch then costs the arrays' size once, also while it is
+    /// served.
     pub fn add(&mut self, ref_id: String, arrays: Vec<NdArray>, receivers: usize, now: Instant) {
+        let items = arrays
+            .into_iter()
+            .enumerate()
+            .map(|(k, a)| Item::new(k, a))
+            .collect();
         let offer = Offer {
-            arrays: Some(arrays),
+            arrays: Some(items),
             receivers_left: receivers.max(1),
             last_active: now,
         };
@@ -166,15 +233,13 @@ impl Offers {
         let mut items = Vec::new();
         let mut total = 0usize;
         for (k, a) in arrays.iter().enumerate().skip(start) {
-            let name = format!("T{k}.npy");
-            let size = a.npy().len() + 2 * name.len() + NPZ_OVERHEAD;
+            let size = a.size(k);
             if !items.is_empty() && total + size >= self.chunk_size {
                 break;
             }
-            let item = npz::write(&[(name.as_str(), a.npy())])
-                .map_err(|e| ServeError::Failed(format!("item T{k}: {e}")))?;
+            let item = a.bytes(k)?;
             total += item.len();
-            items.push(Value::Bin(Bytes::from(item)));
+            items.push(Value::Bin(item));
         }
         let mut state = Map::with_capacity(2);
         state.insert(key::START, start as u64);
@@ -448,6 +513,45 @@ mod tests {
         // a retried last request still ends cleanly
         let again = o.serve(&req("r", Some((2, 1))), now).unwrap().unwrap();
         assert_eq!(status_of(&again), "eof");
+    }
+
+    #[test]
+    fn an_unshared_array_is_served_from_its_own_buffer_a_shared_one_as_a_copy() {
+        let now = Instant::now();
+        let mut o = Offers::new(1, Duration::from_secs(60));
+        let own = arr(100_000);
+        let own_at = own.npy().as_ptr();
+        let shared = arr(1000);
+        let kept = shared.clone();
+        o.add("r".into(), vec![own, shared], 1, now);
+        let item = |v: &Value| {
+            v.as_map()
+                .unwrap()
+                .get(key::DATA)
+                .unwrap()
+                .as_array()
+                .unwrap()[0]
+                .as_bin()
+                .unwrap()
+                .clone()
+        };
+        let first = item(&o.serve(&req("r", None), now).unwrap().unwrap());
+        // the item is the array's own buffer, framed in place
+        assert_eq!(first.as_ptr(), own_at);
+        let e = npz::read(&first).unwrap();
+        assert_eq!(e[0].name, "T0.npy");
+        assert_eq!(
+            NdArray::from_npy(e[0].data.clone())
+                .unwrap()
+                .to_f32_vec()
+                .unwrap(),
+            vec![1.5; 100_000]
+        );
+        let second = item(&o.serve(&req("r", Some((0, 1))), now).unwrap().unwrap());
+        let e = npz::read(&second).unwrap();
+        assert_eq!(e[0].name, "T1.npy");
+        assert_eq!(e[0].data, kept.npy().clone());
+        assert!(!second.as_ptr_range().contains(&kept.npy().as_ptr()));
     }
 
     #[test]
