@@ -261,10 +261,6 @@ fn job_completes_through_the_parent_on_the_default_mtls_kit() {
 }
 
 #[test]
-#[ignore = "fedrun bug: Dxo::from_shareable (fedrun-core/src/dxo.rs) refuses DXO data that FOBS \
-            sends as a DictDecomposer-tagged dict subclass (NVFlare's NPTrainer submits a \
-            ModelLearnable), so site-1's NPValidator answers BAD_TASK_DATA to site-2's model; \
-            run with -- --ignored"]
 fn cross_site_validation_job_completes_with_fedrun_validating_and_submitting_its_model() {
     let label = "(e) clear tcp, cross-site validation";
     let Some(r) = run_scenario(label, &["--mode", "clear", "--scenario", "cross_val"]) else {

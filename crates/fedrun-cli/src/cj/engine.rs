@@ -34,7 +34,8 @@ pub struct StartedJob {
 /// use fedrun_cli::cj::engine::json_to_value;
 ///
 /// let v = json_to_value(&serde_json::json!({"a": [1, 2.5, "x", null, true]}));
-/// assert_eq!(v.get("a").and_then(|a| a.as_array()).map(|a| a.len()), Some(5));
+/// let a = v.as_map().and_then(|m| m.get("a")).and_then(|a| a.as_array());
+/// assert_eq!(a.map(|a| a.len()), Some(5));
 /// ```
 pub fn json_to_value(json: &Json) -> Value {
     match json {
