@@ -6,7 +6,7 @@
 //! copying its payload (`split_to(..).freeze()`). Any error is fatal for the connection it came
 //! from (a byte stream cannot be resynchronised), and only for that one: the caller closes it.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::WireError;
@@ -96,9 +96,27 @@ impl Decoder for SfmCodec {
             src.reserve((length - src.len()).min(READ_RESERVE_LIMIT));
             return Ok(None);
         }
-        let buf = src.split_to(length).freeze();
+        let buf = take_frame(src, length);
         Frame::from_parts(prefix, buf).map(Some)
     }
+}
+
+/// A frame at least this big gets a buffer of its own (see [`take_frame`]).
+const OWN_BUFFER_MIN: usize = 1 << 20;
+
+/// Splits the first `length` bytes off the read buffer as a frame. A big frame leaves the read
+/// buffer's allocation to itself: the few bytes of the next frame already read after it are
+/// copied into a fresh read buffer, so that nothing else shares the frame's bytes and whoever
+/// ends up owning them alone (a downloaded model being trained) can change them in place
+/// instead of copying them.
+fn take_frame(src: &mut BytesMut, length: usize) -> Bytes {
+    if length >= OWN_BUFFER_MIN && src.len() - length <= OWN_BUFFER_MIN {
+        let after = src.split_off(length);
+        let rest = BytesMut::from(&after[..]);
+        drop(after);
+        return std::mem::replace(src, rest).freeze();
+    }
+    src.split_to(length).freeze()
 }
 
 impl Encoder<Frame> for SfmCodec {
@@ -121,7 +139,7 @@ impl Encoder<&Frame> for SfmCodec {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use bytes::{BufMut, Bytes};
+    use bytes::BufMut;
 
     fn prefix(length: u32, header_len: u16) -> BytesMut {
         let mut b = BytesMut::new();
@@ -131,6 +149,28 @@ mod tests {
         b.put_u8(0);
         b.put_slice(&[0; 8]);
         b
+    }
+
+    #[test]
+    fn a_big_frame_owns_its_buffer_and_the_next_frames_bytes_stay_in_the_read_buffer() {
+        let mut codec = SfmCodec::new();
+        let len = PREFIX_LEN + 2 * OWN_BUFFER_MIN;
+        let mut src = prefix(len as u32, 0);
+        src.put_slice(&vec![7u8; len - PREFIX_LEN]);
+        src.put_slice(b"next");
+        let frame = codec.decode(&mut src).unwrap().unwrap();
+        assert_eq!(&src[..], b"next");
+        assert_eq!(frame.payload.len(), len - PREFIX_LEN);
+        let payload = frame.payload;
+        assert!(payload.is_unique(), "the frame shares its bytes");
+        let mut owned = payload.try_into_mut().unwrap();
+        owned[0] = 1;
+
+        // a small frame is split off as before
+        let mut src = prefix(PREFIX_LEN as u32 + 3, 0);
+        src.put_slice(b"abcnext");
+        let frame = codec.decode(&mut src).unwrap().unwrap();
+        assert_eq!((&frame.payload[..], &src[..]), (&b"abc"[..], &b"next"[..]));
     }
 
     #[test]
