@@ -52,7 +52,7 @@ pub const CURRENT_ROUND: &str = "current_round";
 /// The task header of the number of rounds (`AppConstants.NUM_ROUNDS`).
 pub const NUM_ROUNDS: &str = "num_rounds";
 /// The task header naming the owner of a model to validate (`AppConstants.MODEL_OWNER`).
-pub const MODEL_OWNER: &str = "model_owner";
+pub const MODEL_OWNER: &str = "_model_owner_";
 /// NVFlare's train task name (`AppConstants.TASK_TRAIN`).
 pub const TASK_TRAIN: &str = "train";
 /// NVFlare's submit-model task name (`AppConstants.TASK_SUBMIT_MODEL`).
