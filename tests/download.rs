@@ -242,3 +242,87 @@ async fn tensor_refs_are_refused_loudly() {
     s.consumer.stop().await;
     s.producer.stop().await;
 }
+
+/// A task result offered once ([`fedrun_engine::EngineHandle::offer_task_result`]) keeps its
+/// arrays for every push of it (a push may fail after the server pulled them) and lets them go
+/// once a push is accepted; what the pushes carry is references only.
+#[actix::test]
+async fn an_offered_task_result_serves_every_push_and_is_released_once_one_is_accepted() {
+    init_log();
+    let net = Network::new();
+    let job = "J";
+    let engine = fedrun_engine::ClientEngine::builder("site-1", job)
+        .np_download_chunk_size(64 * 1024)
+        .start(&net)
+        .await
+        .unwrap();
+    let server = Cell::start(Fqcn::job_cell("server", job).unwrap(), net.clone()).unwrap();
+    let resolver = ArrayResolver::new(server.clone(), "server", job, config());
+    server
+        .set_payload_resolver(Some(Arc::new(resolver)))
+        .await
+        .unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Shareable>();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let submit = {
+        let calls = Arc::clone(&calls);
+        request_handler(move |msg: CellMessage| {
+            let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            let _ = seen_tx.send(msg.payload.as_shareable().cloned().unwrap());
+            async move {
+                if first {
+                    // the arrays were pulled, then the push fails: it will be tried again
+                    Err(fedrun_cell::HandlerError::Other("busy".into()))
+                } else {
+                    Ok(Some(CellMessage::new(Shareable::new())))
+                }
+            }
+        })
+    };
+    server
+        .register_request_handler("server_command", "submit_update", submit)
+        .await
+        .unwrap();
+
+    let offered = engine.offer_task_result(weights()).await.unwrap();
+    let refs = offered
+        .header_or_none(fedrun_engine::OFFERED_REFS_HEADER)
+        .cloned()
+        .expect("the result carries its offered references");
+    let ref_id = fedrun_fobs::download_ref::refs_from_value(&refs).unwrap()[0]
+        .ref_id
+        .clone();
+    assert!(
+        !format!("{offered:?}").contains("NdArray"),
+        "no array is left in the offered result"
+    );
+    for expect_ok in [false, true] {
+        let sent = engine
+            .send_task_result(offered.clone(), Some(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        assert_eq!(sent, expect_ok);
+        let got = within(seen.recv()).await.unwrap();
+        assert!(got
+            .header_or_none(fedrun_engine::OFFERED_REFS_HEADER)
+            .is_none());
+        assert_eq!(got.get("DXO"), weights().get("DXO"), "arrays resolved");
+        assert_eq!(got.get("ids"), weights().get("ids"));
+    }
+    // accepted: the service no longer holds the arrays
+    let mut ask = Shareable::new();
+    ask.insert("ref_id", ref_id.as_str());
+    let reply = server
+        .send_request(SendRequest::new(
+            fedrun_engine::download::CHANNEL,
+            fedrun_engine::download::TOPIC,
+            Fqcn::job_cell("site-1", job).unwrap(),
+            CellMessage::new(ask),
+            DEADLINE,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(reply.return_code(), CellReturnCode::InvalidRequest);
+    engine.stop().await;
+    server.stop().await;
+}

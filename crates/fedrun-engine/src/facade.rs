@@ -33,7 +33,9 @@ use crate::run_info::{
     RunInfo, SetCurrentTask, ShowErrors,
 };
 use crate::stream::{RegisterStreamProcessing, StreamObjects, StreamProcessor};
-use crate::task_fetcher::{GetFetcherState, GetTaskAssignment, SendTaskResult, TaskFetcher};
+use crate::task_fetcher::{
+    GetFetcherState, GetTaskAssignment, OfferTaskResult, SendTaskResult, TaskFetcher,
+};
 
 /// Default mailbox capacity of the facade: calls from many components may arrive at once.
 pub const FACADE_MAILBOX_CAPACITY: usize = 1024;
@@ -278,5 +280,6 @@ forward! {
     StreamObjects => stream: StreamProcessor,
     GetTaskAssignment => task: TaskFetcher,
     SendTaskResult => task: TaskFetcher,
+    OfferTaskResult => task: TaskFetcher,
     GetFetcherState => task: TaskFetcher,
 }

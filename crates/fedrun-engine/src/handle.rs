@@ -38,8 +38,8 @@ use crate::stream::{
     StreamOutcome, StreamProcessor,
 };
 use crate::task_fetcher::{
-    parent_site_name, GetTaskAssignment, SendTaskResult, TaskFetcher, TaskFetcherConfig, TaskPull,
-    DEFAULT_COMMUNICATION_TIMEOUT,
+    parent_site_name, GetTaskAssignment, OfferTaskResult, SendTaskResult, TaskFetcher,
+    TaskFetcherConfig, TaskPull, DEFAULT_COMMUNICATION_TIMEOUT,
 };
 use crate::widgets::{FedEventRunner, InfoCollector};
 
@@ -657,6 +657,12 @@ impl EngineHandle {
             timeout,
         })
         .await?
+    }
+
+    /// Offers a task result's arrays for download once, before its pushes ([`OfferTaskResult`]);
+    /// the result comes back unchanged when the engine sends arrays inline.
+    pub async fn offer_task_result(&self, result: Shareable) -> Result<Shareable, EngineError> {
+        self.send(OfferTaskResult { result }).await
     }
 
     /// NVFlare's `send_task_result(result, fl_ctx, timeout)` with a new context of the run: pushes

@@ -108,8 +108,8 @@ pub use stream::{
     RegisterStreamProcessing, StreamConfig, StreamObjects, StreamOutcome, StreamProcessor,
 };
 pub use task_fetcher::{
-    parent_site_name, FetcherState, GetFetcherState, GetTaskAssignment, SendTaskResult,
-    TaskFetcher, TaskFetcherConfig, TaskPull,
+    parent_site_name, FetcherState, GetFetcherState, GetTaskAssignment, OfferTaskResult,
+    SendTaskResult, TaskFetcher, TaskFetcherConfig, TaskPull, OFFERED_REFS_HEADER,
 };
 pub use widgets::{
     add_stats, answer_info_command, set_stats, FedEventRunner, InfoCollector, FED_EVENT_QUEUE,

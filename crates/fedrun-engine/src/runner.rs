@@ -626,11 +626,23 @@ impl Shared {
     /// the runner stops. True when the server accepted it.
     async fn send_result(
         &self,
-        mut result: Shareable,
+        result: Shareable,
         ctx: &FlContext,
         name: &str,
         task_id: Option<&str>,
     ) -> bool {
+        // Arrays sent as download references are offered once: the retries below then keep
+        // (and clone) only the references, never a second handle on a big array.
+        let mut result = match self.engine.offer_task_result(result).await {
+            Ok(offered) => offered,
+            Err(e) => {
+                log::error!(
+                    "{} result of task {name} ({task_id:?}) lost: {e}",
+                    self.prefix
+                );
+                return false;
+            }
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;

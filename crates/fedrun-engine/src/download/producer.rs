@@ -165,6 +165,11 @@ impl Offers {
         self.offers.get(ref_id).is_some_and(|o| o.arrays.is_some())
     }
 
+    /// Drops batch `ref_id` now, whatever its receivers did; `false` if it was not known.
+    pub fn release(&mut self, ref_id: &str) -> bool {
+        self.offers.remove(ref_id).is_some()
+    }
+
     /// Drops batches idle for longer than the expiry; returns how many.
     pub fn sweep(&mut self, now: Instant) -> usize {
         let before = self.offers.len();
@@ -432,6 +437,21 @@ impl DownloadHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// Drops the arrays of batch `ref_id` now (an offer made for any number of receivers, e.g.
+    /// a task result that may be pushed again, is released once it was accepted).
+    pub fn release(&self, ref_id: &str) -> bool {
+        let released = self
+            .shared
+            .offers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .release(ref_id);
+        if released {
+            log::debug!("{} released download {ref_id}", self.shared.prefix);
+        }
+        released
     }
 
     /// Whether the arrays of batch `ref_id` are still held.

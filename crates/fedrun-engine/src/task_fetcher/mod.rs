@@ -75,7 +75,7 @@ use crate::run_info::{GetAbortSignal, NewContext, RunInfo, SetCurrentTask};
 pub mod config;
 mod push;
 
-pub use push::SendTaskResult;
+pub use push::{OfferTaskResult, SendTaskResult, OFFERED_REFS_HEADER};
 
 pub use config::{
     parent_site_name, TaskFetcherConfig, DEFAULT_COMMUNICATION_TIMEOUT, DEFAULT_PROJECT_NAME,
@@ -366,7 +366,11 @@ impl TaskFetcher {
             .header_or_none(header_key::MSG_ROOT_TTL)
             .filter(|v| v.as_f64().is_some_and(|t| t > 0.0))
             .cloned();
-        let refs = self.downloads.as_ref().and_then(|d| d.offer(&mut result));
+        // offered before (OfferTaskResult), or now
+        let refs = match result.remove_header(push::OFFERED_REFS_HEADER) {
+            Some(refs) => Some(refs),
+            None => self.downloads.as_ref().and_then(|d| d.offer(&mut result)),
+        };
         let mut message = CellMessage::new(result)
             .with_header(task_header::PROJECT_NAME, self.project_name.as_str());
         if let Some(refs) = refs {

@@ -81,6 +81,11 @@ impl Handler<SendTaskResult> for TaskFetcher {
             ctx,
             timeout,
         } = msg;
+        // an offer made by OfferTaskResult is released once a push is accepted
+        let release = result
+            .header_or_none(OFFERED_REFS_HEADER)
+            .and_then(|v| fedrun_fobs::download_ref::refs_from_value(v).ok())
+            .zip(self.downloads.clone());
         let run_info = self.run_info.clone();
         // A context made here belongs to the current session (see the module doc).
         let stamp = match (&ctx, &self.ssid) {
@@ -124,6 +129,11 @@ impl Handler<SendTaskResult> for TaskFetcher {
                 match reply.headers.return_code() {
                     Some(code) if code.is_ok() => {
                         log::debug!("{prefix} task result sent");
+                        if let Some((refs, downloads)) = release {
+                            for r in refs {
+                                downloads.release(&r.ref_id);
+                            }
+                        }
                         Ok(true)
                     }
                     Some(code) => {
@@ -145,5 +155,43 @@ impl Handler<SendTaskResult> for TaskFetcher {
             .into_actor(act)
         });
         Box::pin(push)
+    }
+}
+
+/// The Shareable header under which [`OfferTaskResult`] leaves a result's download references
+/// for its pushes. It never goes on the wire: the push moves it to the cell message.
+pub const OFFERED_REFS_HEADER: &str = "__fedrun_offered_download_refs__";
+
+/// Offers a task result's numpy arrays for download once, before it is pushed (when the engine
+/// sends results as NVFlare download references; otherwise the result comes back unchanged).
+///
+/// The arrays move into the engine's download service and the result carries references in
+/// their place, so a sender that keeps the result to retry a failed push keeps only the
+/// references: the service holds the only handle on each array and serves it from its own
+/// buffer, without a copy, however many times the push is tried. The arrays stay until a push
+/// of the result is accepted, or until nobody downloaded them for the service's idle expiry.
+#[derive(Debug, Message)]
+#[rtype(result = "Shareable")]
+pub struct OfferTaskResult {
+    /// The task result.
+    pub result: Shareable,
+}
+
+impl Handler<OfferTaskResult> for TaskFetcher {
+    type Result = actix::MessageResult<OfferTaskResult>;
+
+    fn handle(&mut self, msg: OfferTaskResult, _ctx: &mut Context<Self>) -> Self::Result {
+        log::debug!("{} handles OfferTaskResult", self.prefix());
+        let mut result = msg.result;
+        // for any number of downloads (a push may be retried after the server pulled the
+        // arrays): released when a push is accepted, else when idle for the expiry
+        if let Some(refs) = self
+            .downloads
+            .as_ref()
+            .and_then(|d| d.offer_to(&mut result, usize::MAX))
+        {
+            result.set_header(OFFERED_REFS_HEADER, refs);
+        }
+        actix::MessageResult(result)
     }
 }
