@@ -201,7 +201,14 @@ fn run_job_cmd(args: JobArgs, credentials: Credentials) -> ExitCode {
     logger.init();
     let site = args.client_name.clone();
     let job_id = args.job_id.clone();
-    match actix::System::new().block_on(run_job(args, JobOptions::default())) {
+    let options = match JobOptions::from_env() {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("fedrun job: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match actix::System::new().block_on(run_job(args, options)) {
         Ok(report) => {
             let code = report.exit_code();
             log::info!(

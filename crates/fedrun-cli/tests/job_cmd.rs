@@ -18,10 +18,9 @@
 //! The job keeps NVFlare's default `np_download_chunk_size`: the job's results leave as
 //! download references, which fedrun's server job pulls from the job before it aggregates.
 //!
-//! Not covered here: a parent that never listens. `fedrun job` waits 60 s for its parent
-//! (`cj::DEFAULT_CONNECT_TIMEOUT`) and the command line has no option to shorten that, which is
-//! too long for this file. Every wait has a deadline; each `fedrun job` process runs in its own
-//! process group and is killed by pid when its handle is dropped, pass or fail.
+//! A parent that never listens is tested with a 1 s connect timeout
+//! (`FEDRUN_JOB_CONNECT_TIMEOUT`). Every wait has a deadline; each `fedrun job` process runs in
+//! its own process group and is killed by pid when its handle is dropped, pass or fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -419,7 +418,13 @@ struct JobProcess {
 impl JobProcess {
     /// `fedrun job <argv>`, with the credentials in the environment when `credentials`.
     fn spawn(argv: &[String], credentials: bool) -> JobProcess {
+        JobProcess::spawn_with_env(argv, credentials, &[])
+    }
+
+    /// [`JobProcess::spawn`] with more environment variables.
+    fn spawn_with_env(argv: &[String], credentials: bool, env: &[(&str, &str)]) -> JobProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_fedrun"));
+        command.envs(env.iter().copied());
         command
             .arg("job")
             .args(argv)
@@ -757,4 +762,33 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_no_panic() {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{e}"),
         _ => {}
     }
+}
+
+#[actix::test]
+async fn a_parent_that_never_listens_fails_the_job_after_the_connect_timeout() {
+    let ws = temp_dir("noparent");
+    let job_id = "J";
+    // nothing listens on port 9: neither the parent nor the server is there
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    deploy(&ws, job_id, nowhere, Kit::ClearTcp, None);
+    let argv = worker_argv(&ws, job_id, "tcp://127.0.0.1:9", nowhere, Kit::ClearTcp);
+    let mut job =
+        JobProcess::spawn_with_env(&argv, true, &[(fedrun_cli::cj::ENV_CONNECT_TIMEOUT, "1")]);
+    let (status, log) = job.finish(DEADLINE).await;
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("timed out after 1 s waiting for the client parent at tcp://127.0.0.1:9"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+
+    let mut bad = JobProcess::spawn_with_env(
+        &argv,
+        true,
+        &[(fedrun_cli::cj::ENV_CONNECT_TIMEOUT, "soon")],
+    );
+    let (status, log) = bad.finish(DEADLINE).await;
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("FEDRUN_JOB_CONNECT_TIMEOUT"), "{log}");
+    std::fs::remove_dir_all(&ws).unwrap();
 }

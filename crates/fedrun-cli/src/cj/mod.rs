@@ -42,6 +42,9 @@ use startup::{ServerRoute, StartupConfig};
 
 /// How long `fedrun job` waits for its parent (and the server, when direct) to accept it.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The environment variable that sets [`JobOptions::connect_timeout`], in seconds (the site
+/// launcher's `env` argument can set it; NVFlare's command line has no room for it).
+pub const ENV_CONNECT_TIMEOUT: &str = "FEDRUN_JOB_CONNECT_TIMEOUT";
 
 /// Timing of `fedrun job` beyond the task loop's own.
 ///
@@ -80,6 +83,33 @@ impl Default for JobOptions {
                 ..RunnerConfig::default()
             },
         }
+    }
+}
+
+impl JobOptions {
+    /// The defaults, with [`ENV_CONNECT_TIMEOUT`] applied when it is set.
+    ///
+    /// # Errors
+    ///
+    /// [`CliError::BadOption`] when the variable is not a positive number of seconds.
+    pub fn from_env() -> Result<JobOptions, CliError> {
+        let mut options = JobOptions::default();
+        if let Ok(text) = std::env::var(ENV_CONNECT_TIMEOUT) {
+            let secs = text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .ok_or_else(|| {
+                    bad_option(
+                        ENV_CONNECT_TIMEOUT,
+                        format!("{text:?} is not a positive number of seconds"),
+                    )
+                })?;
+            options.connect_timeout = secs;
+        }
+        Ok(options)
     }
 }
 
