@@ -367,7 +367,7 @@ pub fn write(entries: &[(&str, &[u8])]) -> Result<Vec<u8>, NpzError> {
 }
 
 /// Turns `buf`, the contents of one entry (a `.npy` file), into the stored zip that
-/// [`write`] makes of `[(name, buf)]`, in the same buffer: the contents move up by the local
+/// [`write()`] makes of `[(name, buf)]`, in the same buffer: the contents move up by the local
 /// header's length (a `memmove`, no second buffer) and the central directory follows them. The
 /// buffer grows by about a hundred bytes, in place when it has the capacity. On an error `buf`
 /// is left as it was.
