@@ -281,10 +281,20 @@ fn consume_items(
     Ok(bytes)
 }
 
-async fn send_control(cell: &CellHandle, producer: &Fqcn, ref_id: &str, k: &str, v: Value) {
-    let mut m = Map::with_capacity(2);
+/// Sends the producer a fire-and-forget control map (`ref_id` plus `fields`): a cancel or a
+/// confirmation; `what` names it in the log if it cannot be sent.
+async fn send_to_producer(
+    cell: &CellHandle,
+    producer: &Fqcn,
+    ref_id: &str,
+    fields: Vec<(&str, Value)>,
+    what: &str,
+) {
+    let mut m = Map::with_capacity(1 + fields.len());
     m.insert(key::REF_ID, ref_id);
-    m.insert(k, v);
+    for (k, v) in fields {
+        m.insert(k, v);
+    }
     let msg = FireAndForget::new(
         CHANNEL,
         TOPIC,
@@ -293,25 +303,20 @@ async fn send_control(cell: &CellHandle, producer: &Fqcn, ref_id: &str, k: &str,
     )
     .with_optional(true);
     if let Err(e) = cell.fire_and_forget(msg).await {
-        log::debug!("download {ref_id}: {k} not sent: {e}");
+        log::debug!("download {ref_id}: {what} not sent: {e}");
     }
 }
 
+async fn send_control(cell: &CellHandle, producer: &Fqcn, ref_id: &str, k: &str, v: Value) {
+    send_to_producer(cell, producer, ref_id, vec![(k, v)], k).await;
+}
+
 async fn send_confirm(cell: &CellHandle, producer: &Fqcn, ref_id: &str, truth: &str, nonce: Value) {
-    let mut m = Map::with_capacity(3);
-    m.insert(key::REF_ID, ref_id);
-    m.insert(key::CONFIRM, truth);
-    m.insert(key::CONFIRM_NONCE, nonce);
-    let msg = FireAndForget::new(
-        CHANNEL,
-        TOPIC,
-        vec![producer.clone()],
-        CellMessage::new(Payload::value(Value::Map(m))),
-    )
-    .with_optional(true);
-    if let Err(e) = cell.fire_and_forget(msg).await {
-        log::debug!("download {ref_id}: confirmation not sent: {e}");
-    }
+    let fields = vec![
+        (key::CONFIRM, Value::from(truth)),
+        (key::CONFIRM_NONCE, nonce),
+    ];
+    send_to_producer(cell, producer, ref_id, fields, "confirmation").await;
 }
 
 /// The [`PayloadResolver`] of a job cell: downloads the numpy arrays a received message refers
