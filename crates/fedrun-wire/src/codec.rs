@@ -71,6 +71,12 @@ impl SfmCodec {
         }
     }
 
+    /// Changes the frame size limit (capped to [`MAX_FRAME_SIZE`]), e.g. from the handshake's
+    /// small limit to the connection's own once the peer said who it is.
+    pub fn set_max_frame_size(&mut self, max_frame_size: usize) {
+        self.max_frame_size = max_frame_size.min(MAX_FRAME_SIZE);
+    }
+
     /// The frame size limit in force, in both directions.
     pub fn max_frame_size(&self) -> usize {
         self.max_frame_size

@@ -81,4 +81,6 @@ pub use stream_tx::{
     StreamChannels, StreamSendConfig, NVFLARE_UNSTREAMED_CHANNELS, SENDER_ACK_INTERVAL,
     STREAM_ACK_TIMEOUT, STREAM_THRESHOLD, STREAM_THRESHOLD_HEADROOM,
 };
-pub use transport::{TcpTransport, TcpUrl, WireConfig, BYE_TOPIC, CELLNET_CHANNEL};
+pub use transport::{
+    TcpTransport, TcpUrl, WireConfig, BYE_TOPIC, CELLNET_CHANNEL, HANDSHAKE_MAX_FRAME_SIZE,
+};

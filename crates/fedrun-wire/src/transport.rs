@@ -93,6 +93,9 @@ const BYE_TIMEOUT: Duration = Duration::from_millis(500);
 /// behind outgoing data (two endpoints streaming to each other would otherwise wait on each
 /// other's readers) and ACKs are not delayed by a window of queued chunks.
 const CONTROL_QUEUE_CAPACITY: usize = 256;
+/// The largest frame a peer may send before the handshake is done: a HELLO or READY carries
+/// an endpoint name and a time stamp (NVFlare's are about 150 bytes).
+pub const HANDSHAKE_MAX_FRAME_SIZE: usize = 4 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -1571,9 +1574,16 @@ async fn handshake(
 ) -> Result<(Fqcn, Reader, Writer), WireError> {
     stream.set_nodelay(true)?;
     let (r, w) = stream.into_split();
-    let codec = SfmCodec::with_max_frame_size(inner.config.max_frame_size);
-    let mut reader = FramedRead::new(r, codec);
-    let mut writer = FramedWrite::new(w, codec);
+    // Until the peer has said who it is, it may send no more than a HELLO/READY needs: a peer
+    // that announces a bigger frame is refused at its prefix, before anything is buffered.
+    let mut reader = FramedRead::new(
+        r,
+        SfmCodec::with_max_frame_size(HANDSHAKE_MAX_FRAME_SIZE.min(inner.config.max_frame_size)),
+    );
+    let mut writer = FramedWrite::new(
+        w,
+        SfmCodec::with_max_frame_size(inner.config.max_frame_size),
+    );
     let me = HandshakeInfo::now(&inner.own);
     let exchange = async {
         if active {
@@ -1607,6 +1617,9 @@ async fn handshake(
     let peer = tokio::time::timeout(inner.config.handshake_timeout, exchange)
         .await
         .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
+    reader
+        .decoder_mut()
+        .set_max_frame_size(inner.config.max_frame_size);
     Ok((peer, reader, writer))
 }
 

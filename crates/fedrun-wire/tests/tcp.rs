@@ -757,3 +757,56 @@ async fn outgoing_headers_are_on_every_data_frame_requests_replies_and_bye() {
     drop(raw);
     timeout(DEADLINE, shutdown).await.unwrap().unwrap();
 }
+
+#[actix::test]
+async fn a_frame_bigger_than_a_hello_before_the_handshake_closes_the_connection_at_its_prefix() {
+    let p = pair().await;
+    // a HELLO whose prefix announces 1 GiB, followed by a little of it: refused at the prefix,
+    // nothing is buffered for it
+    let info = HandshakeInfo {
+        endpoint_name: "site-7".to_owned(),
+        timestamp: Some(1.0),
+        fqcn: Some("site-7".to_owned()),
+    };
+    let mut hello = Frame::hello(&info).unwrap().encode().unwrap().to_vec();
+    hello[..4].copy_from_slice(&(1u32 << 30).to_be_bytes());
+    let mut stream = TcpStream::connect(p.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &hello)
+        .await
+        .unwrap();
+    let mut raw = Framed::new(stream, SfmCodec::new());
+    expect_closed(&mut raw).await;
+
+    // a HELLO over the handshake limit (an endpoint name of 10 KiB) is refused as well
+    let mut raw = raw_connect(p.addr).await;
+    let name = "s".repeat(10 * 1024);
+    let info = HandshakeInfo {
+        endpoint_name: name.clone(),
+        timestamp: Some(1.0),
+        fqcn: Some(name),
+    };
+    let mut big = Frame::hello(&info).unwrap();
+    big.sequence = 1;
+    assert!(big.encode().unwrap().len() > fedrun_wire::HANDSHAKE_MAX_FRAME_SIZE);
+    raw.send(big).await.unwrap();
+    expect_closed(&mut raw).await;
+
+    // the listener goes on, and a handshaken connection still takes big frames
+    let reply = p
+        .job
+        .send_request(request(
+            Fqcn::SERVER,
+            Bytes::from(vec![5u8; 256 * 1024]),
+            DEADLINE,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(reply.return_code(), CellReturnCode::Ok);
+    assert_eq!(reply.payload.as_bytes().map(|b| b.len()), Some(256 * 1024));
+    let mut raw = raw_connect(p.addr).await;
+    assert_eq!(
+        raw_hello(&mut raw, "site-8").await.frame_type,
+        FrameType::Ready
+    );
+    p.shutdown().await;
+}
