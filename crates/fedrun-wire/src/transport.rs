@@ -1284,7 +1284,15 @@ impl Inner {
     }
 
     /// Registers a handshaken connection, runs it to its end, and unregisters it.
-    async fn run_connection(self: Arc<Self>, peer: Fqcn, reader: Reader, writer: Writer) {
+    /// `accepted`: the peer connected to this endpoint (it is a child: see
+    /// [`Inner::forged_origin`]); otherwise this endpoint connected to it (a parent).
+    async fn run_connection(
+        self: Arc<Self>,
+        peer: Fqcn,
+        reader: Reader,
+        writer: Writer,
+        accepted: bool,
+    ) {
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let cancel = self.shutdown.child_token();
         let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
@@ -1323,7 +1331,9 @@ impl Inner {
             },
         ));
         // everything the reader sends is an answer: it goes on the control queue
-        let outcome = self.read_loop(&peer, reader, &control_tx, &cancel).await;
+        let outcome = self
+            .read_loop(&peer, accepted, reader, &control_tx, &cancel)
+            .await;
         cancel.cancel();
         {
             let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
@@ -1352,6 +1362,7 @@ impl Inner {
     async fn read_loop(
         &self,
         peer: &Fqcn,
+        accepted: bool,
         mut reader: Reader,
         tx: &mpsc::Sender<Outbound>,
         cancel: &CancellationToken,
@@ -1379,6 +1390,20 @@ impl Inner {
             };
             match frame.frame_type {
                 FrameType::Data if frame.app_id == APP_ID_CELLNET => {
+                    if accepted {
+                        if let Some(why) = self.forged_origin(peer, &frame) {
+                            let h = frame.headers.as_ref();
+                            log::warn!(
+                                "endpoint {}: frame from {peer} refused ({why}): channel {:?} \
+                                 topic {:?} for {:?}",
+                                self.own,
+                                h.and_then(Headers::channel).unwrap_or(""),
+                                h.and_then(Headers::topic).unwrap_or(""),
+                                h.and_then(Headers::destination).unwrap_or("")
+                            );
+                            continue;
+                        }
+                    }
                     if let Some(dest) = self.relay_destination(&frame) {
                         // passed on undecoded: a relay never decodes a payload it only carries
                         tokio::select! {
@@ -1413,6 +1438,36 @@ impl Inner {
                 ),
             }
         }
+    }
+}
+
+impl Inner {
+    /// Why a frame that arrived on a connection the peer opened to this endpoint does not come
+    /// from that peer, if it does not.
+    ///
+    /// A peer that connected here is a child in NVFlare's tree (a client parent or a client job
+    /// connecting to the server root, a job to its parent): everything it sends originates at
+    /// the endpoint it registered as or at a cell below it (a client parent relays its jobs).
+    /// It may never claim a cell this endpoint hosts, nor one outside its own branch: without
+    /// this check any peer that can reach the port could speak as the server job and, say, end
+    /// every client's run. Connections this endpoint opened lead to its parents, which relay
+    /// for everyone; they are not checked here.
+    fn forged_origin(&self, peer: &Fqcn, frame: &Frame) -> Option<String> {
+        let Some(origin) = frame.headers.as_ref().and_then(Headers::origin) else {
+            return Some("no cn__origin".to_owned());
+        };
+        let under_peer = origin == peer.as_str()
+            || origin
+                .strip_prefix(peer.as_str())
+                .is_some_and(|rest| rest.starts_with('.'));
+        if !under_peer {
+            return Some(format!(
+                "it claims origin {origin:?}, outside its own branch"
+            ));
+        }
+        let hosted = origin == self.own.as_str()
+            || Fqcn::new(origin).is_ok_and(|o| self.local_cell(&o).is_some());
+        hosted.then(|| format!("it claims origin {origin:?}, a cell hosted here"))
     }
 }
 
@@ -1635,7 +1690,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
                 tokio::spawn(async move {
                     match handshake(&inner, stream, false).await {
                         Ok((peer, reader, writer)) => {
-                            inner.run_connection(peer, reader, writer).await;
+                            inner.run_connection(peer, reader, writer, true).await;
                         }
                         Err(e) => log::warn!(
                             "endpoint {}: handshake with {addr} failed, connection closed: {e}",
@@ -1680,7 +1735,7 @@ async fn connect_loop(inner: Arc<Inner>, url: TcpUrl) {
             Ok((peer, reader, writer)) => {
                 delay = initial;
                 Arc::clone(&inner)
-                    .run_connection(peer, reader, writer)
+                    .run_connection(peer, reader, writer, false)
                     .await;
             }
             Err(e) => log::warn!(

@@ -810,3 +810,77 @@ async fn a_frame_bigger_than_a_hello_before_the_handshake_closes_the_connection_
     );
     p.shutdown().await;
 }
+
+/// A request frame from a raw peer: `origin` is whatever the peer claims.
+fn raw_request(origin: &str, dest: &str, req_id: &str) -> Frame {
+    let mut h = Headers::new();
+    h.set_msg_type(MsgType::Req);
+    h.set_channel("test");
+    h.set_topic("echo");
+    h.set_origin(origin);
+    h.set_destination(dest);
+    h.set_req_id(req_id);
+    h.set_reply_expected(true);
+    let mut frame = frame_from_message(CellMessage {
+        headers: h,
+        payload: Payload::shareable(shareable(1)),
+    })
+    .unwrap();
+    frame.sequence = 2;
+    frame
+}
+
+#[actix::test]
+async fn a_peer_that_connected_cannot_speak_as_another_cell_and_is_neither_served_nor_relayed() {
+    let mut p = pair().await;
+    // the job cell records what reaches it
+    let (job_tx, mut job_seen) = mpsc::channel(16);
+    p.job
+        .register_request_handler("test", "*", echo(job_tx))
+        .await
+        .unwrap();
+    let mut raw = raw_connect(p.addr).await;
+    raw_hello(&mut raw, "site-9").await;
+
+    // as the server itself, as the server job (to be relayed to the job: NVFlare's
+    // `__end_run__` forgery), and as another site's job: all refused
+    for (i, forged) in ["server", "server.job1", "site-1.job1"]
+        .into_iter()
+        .enumerate()
+    {
+        raw.send(raw_request(forged, "server", &format!("f{i}")))
+            .await
+            .unwrap();
+        raw.send(raw_request(forged, "site-1.job1", &format!("g{i}")))
+            .await
+            .unwrap();
+    }
+    // then the peer as itself, to the server and, relayed, to the job: served
+    raw.send(raw_request("site-9", "server", "ok-1"))
+        .await
+        .unwrap();
+    let reply = next_frame(&mut raw).await;
+    let h = reply.headers.as_ref().unwrap();
+    assert_eq!(
+        h.req_id(),
+        Some("ok-1"),
+        "the forged requests got no answer"
+    );
+    let seen = timeout(DEADLINE, p.seen.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        seen.headers.origin(),
+        Some("site-9"),
+        "no forged request was served"
+    );
+    raw.send(raw_request("site-9", "site-1.job1", "ok-2"))
+        .await
+        .unwrap();
+    let relayed = timeout(DEADLINE, job_seen.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        relayed.headers.origin(),
+        Some("site-9"),
+        "no forged request was relayed"
+    );
+    assert_eq!(relayed.headers.req_id(), Some("ok-2"));
+    p.shutdown().await;
+}
