@@ -68,28 +68,54 @@ fn cj_command() -> String {
 }
 
 /// The harness process; stopped (SIGTERM, then SIGKILL by pid) if still running when dropped.
+/// A thread waits for its exit, so every wait here is on that event, with a deadline.
 struct Harness {
-    child: Child,
+    pid: u32,
+    exited: mpsc::Receiver<std::process::ExitStatus>,
+    status: Option<std::process::ExitStatus>,
 }
 
 impl Harness {
+    /// Starts watching `child` (its stdout and stderr already taken).
+    fn watch(mut child: Child) -> Harness {
+        let pid = child.id();
+        let (tx, exited) = mpsc::channel();
+        thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = tx.send(status);
+            }
+        });
+        Harness {
+            pid,
+            exited,
+            status: None,
+        }
+    }
+
+    /// Waits up to `deadline` for the exit.
+    fn wait(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.exited.recv_timeout(deadline).ok();
+        }
+        self.status
+    }
+
+    fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, &self.pid.to_string()])
+            .status();
+    }
+
     fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
+        if self.wait(Duration::ZERO).is_some() {
             return;
         }
         // SIGTERM lets the harness kill its process groups; std only offers SIGKILL.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let until = Instant::now() + CLEANUP_GRACE;
-        while Instant::now() < until {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(100));
+        self.signal("-TERM");
+        if self.wait(CLEANUP_GRACE).is_none() {
+            self.signal("-KILL");
+            let _ = self.wait(CLEANUP_GRACE);
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -120,11 +146,10 @@ fn run_scenario(label: &str, args: &[&str]) -> Option<Json> {
         cmd.args(["--cj-env", &format!("RUST_LOG={level}")]);
     }
     let started = Instant::now();
-    let mut harness = Harness {
-        child: cmd.spawn().expect("start the harness"),
-    };
-    let mut stdout = harness.child.stdout.take().expect("stdout");
-    let mut stderr = harness.child.stderr.take().expect("stderr");
+    let mut child = cmd.spawn().expect("start the harness");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut harness = Harness::watch(child);
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut out = String::new();
@@ -143,7 +168,10 @@ fn run_scenario(label: &str, args: &[&str]) -> Option<Json> {
             panic!("{label}: the harness did not finish within {HARNESS_DEADLINE:?}");
         }
     };
-    let status = harness.child.wait().expect("wait for the harness");
+    // stdout closed: the harness is ending
+    let status = harness
+        .wait(CLEANUP_GRACE)
+        .expect("the harness exits after closing its stdout");
     let err = err_reader.join().unwrap_or_default();
     let line = out
         .lines()

@@ -117,6 +117,8 @@ impl FakeClient {
                     .header_or_none("__wait_time__")
                     .and_then(Value::as_f64)
                     .unwrap();
+                // Not synchronisation: this client obeys the server's `__wait_time__` pacing, as
+                // NVFlare's client does; the whole poll is bounded by `within`.
                 tokio::time::sleep(Duration::from_secs_f64(wait)).await;
             }
         })
