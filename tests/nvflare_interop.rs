@@ -1,4 +1,4 @@
-//! Live interop with NVIDIA FLARE 2.9 (issue #6 §3): fedrun cells and a fedrun client job engine
+//! Live interop with NVIDIA FLARE 2.9: fedrun cells and a fedrun client job engine
 //! talk to real NVFlare Python cells over loopback TCP.
 //!
 //! The byte-level tests (`crates/fedrun-wire/tests`) replay captured frames; only a live peer
@@ -288,7 +288,7 @@ async fn fedrun_cells_and_engine_interoperate_with_live_nvflare_cells() {
     assert_eq!(str_of(s, "echo"), Some("aux-1"));
     assert_eq!(str_of(s, "via"), Some("core"));
 
-    // ---- c2. server_command/get_task (wire spec §12 step 3): a task with a numpy array back
+    // ---- c2. server_command/get_task: a task with a numpy array back
     let mut pull = Shareable::new();
     pull.set_header("last_task_id", "none");
     let reply = request(&cell, "server_command", "get_task", pull).await;
@@ -308,7 +308,7 @@ async fn fedrun_cells_and_engine_interoperate_with_live_nvflare_cells() {
     assert_eq!(weights.shape(), &[3]);
     assert_eq!(weights.to_f32_vec().unwrap(), vec![0.5, -1.25, 3.0]);
 
-    // ---- c3. numpy both ways (spec §12 step 7, inline arrays): Python sums ours, sends its own
+    // ---- c3. numpy both ways (inline arrays): Python sums ours, sends its own
     let w = NdArray::from_f32(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
     let reply = request(&cell, "aux_communication", "np_sum", with("w", w)).await;
     let s = reply_shareable(&reply);
@@ -318,7 +318,7 @@ async fn fedrun_cells_and_engine_interoperate_with_live_nvflare_cells() {
     assert_eq!(w2.shape(), &[2, 2]);
     assert_eq!(w2.to_i32_vec().unwrap(), vec![1, 2, 3, 4]);
 
-    // ---- c4. fedrun -> Python, streamed (spec §12 step 4): a multi-chunk submit_update whose
+    // ---- c4. fedrun -> Python, streamed: a multi-chunk submit_update whose
     //          reply comes back as a stream on return_only
     let reply = request(
         &cell,
@@ -355,7 +355,7 @@ async fn fedrun_cells_and_engine_interoperate_with_live_nvflare_cells() {
     assert_eq!(got.headers.channel(), Some("interop"));
     assert_eq!(got.headers.origin(), Some(server_job().as_str()));
 
-    // ---- d2. Python -> fedrun on a core channel (spec §12 step 4)
+    // ---- d2. Python -> fedrun on a core channel
     let done = py
         .command(json!({"cmd": "ask", "target": my_name, "channel": "task",
                         "topic": "question", "payload": {"q": "core question"}}))

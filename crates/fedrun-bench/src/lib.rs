@@ -1,5 +1,5 @@
-//! fedrun's cellnet benchmarks over loopback TCP, run side by side with NVFlare 2.9 (issue #6
-//! §5).
+//! fedrun's cellnet benchmarks over loopback TCP, run side by side with NVFlare 2.9, to check
+//! fedrun's performance targets against NVFlare's own figures.
 //!
 //! The binary `fedrun-cellbench` mirrors the NVFlare harness `nvflare/cellbench.py` (kept in this
 //! crate): the same scenarios, counts, warm-ups and result files, with fedrun cells in one OS

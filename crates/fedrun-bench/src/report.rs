@@ -1,6 +1,6 @@
 //! The `table` role: one markdown table of NVFlare's aux path, fedrun, and the C loopback limits,
-//! from the results of one interleaved session (`vs-nvflare.sh`), followed by the targets of
-//! issue #6 §5 checked against the same run's figures.
+//! from the results of one interleaved session (`vs-nvflare.sh`), followed by fedrun's
+//! performance targets checked against the same run's figures.
 //!
 //! Inputs: NVFlare's `results/<tag>.json` (written by `cellbench.py`), fedrun's `<tag>.json`
 //! (written by `fedrun-cellbench run`, same format), and the C limits as JSON lines (the output
@@ -456,7 +456,7 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-/// The targets of issue #6 §5, each as measured in this session.
+/// fedrun's performance targets, each as measured in this session.
 fn targets(nv: &Results, fr: &Results, limits: &Limits) -> String {
     let mut out = String::from("\nTargets (same session):\n");
     let line = |out: &mut String, text: String| {

@@ -131,7 +131,7 @@ pub struct RegisterRequestHandler {
 
 /// Sends a request and waits for its reply; the result is always a reply message.
 ///
-/// Headers set on the request (wire spec §6.2): `msg_type=req`, a fresh uuid4 `req_id`,
+/// Headers set on the request: `msg_type=req`, a fresh uuid4 `req_id`,
 /// `reply_expected=true`, `origin`/`from` = this cell, `destination`/`to` = `target`, `channel`,
 /// `topic`, `route=[[self, now]]`, `send_time`, `secure`, `optional`, `payload_encoding` (and
 /// `payload_len` when known without encoding). Any other header the caller put on `message`
@@ -280,7 +280,7 @@ impl SendMultiRequest {
 
 /// Sends `message` to every target without expecting replies.
 ///
-/// Headers as for a request, except `reply_expected=false` and **no `req_id`** (§6.2). The
+/// Headers as for a request, except `reply_expected=false` and **no `req_id`**. The
 /// result has one entry per target: `ok` once the target cell accepted the message, or the
 /// transport's code (`target_unreachable`, `invalid_target`). Duplicate targets receive the
 /// message once per occurrence and share one entry. The payload is shared, not copied, between
@@ -486,7 +486,7 @@ impl Cell {
         }
     }
 
-    /// Sets the headers every outgoing request / fire-and-forget message carries (§6.2).
+    /// Sets the headers every outgoing request / fire-and-forget message carries.
     fn stamp_outgoing(&self, msg: &mut CellMessage, out: &Outgoing<'_>, req_id: Option<&str>) {
         let now = epoch_secs();
         let h = &mut msg.headers;
@@ -754,7 +754,7 @@ impl Cell {
     ) {
         let info = RequestInfo::of(&request);
         if info.destination.as_deref() != Some(self.fqcn.as_str()) {
-            // A leaf cell does not forward (wire spec §6.6).
+            // A leaf cell does not forward.
             self.log_drop(
                 &request,
                 &format!(
@@ -952,7 +952,7 @@ impl RequestInfo {
         }
     }
 
-    /// The reply headers of §6.2 on top of what the handler set; `None` without a valid origin.
+    /// NVFlare's reply headers on top of what the handler set; `None` without a valid origin.
     fn make_reply(&self, me: &Fqcn, mut reply: CellMessage) -> Option<CellMessage> {
         let origin = Fqcn::new(self.origin.as_deref()?).ok()?;
         let to = self

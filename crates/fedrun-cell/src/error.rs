@@ -5,7 +5,7 @@
 //!   stopped actor). These are Rust errors returned to the caller.
 //! - [`HandlerError`]: a request handler refusing or failing a request. These never reach the
 //!   requester as a Rust error: the cell turns them into a reply whose `cn__return_code` is the
-//!   mapped code (wire spec §6.7), exactly as NVFlare maps callback exceptions.
+//!   mapped code, exactly as NVFlare maps callback exceptions.
 //!
 //! Transport failures (unknown target, timeout, ...) are neither: they are replies with a code,
 //! see [`crate::cell::SendRequest`].
@@ -29,7 +29,7 @@ use crate::message::CellMessage;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CellError {
-    /// A string is not a valid FQCN (wire spec §7.1).
+    /// A string is not a valid FQCN.
     #[error("invalid FQCN '{fqcn}': {reason}")]
     InvalidFqcn {
         /// The rejected name, as given.
@@ -61,7 +61,7 @@ pub enum CellError {
     },
 }
 
-/// Why a request handler refused or failed a request (NVFlare's callback exceptions, §6.7).
+/// Why a request handler refused or failed a request (NVFlare's callback exceptions).
 ///
 /// The cell answers the requester with [`HandlerError::return_code`] in `cn__return_code` and
 /// the error's text in `cn__error`.
@@ -100,7 +100,7 @@ pub enum HandlerError {
 }
 
 impl HandlerError {
-    /// The cell return code NVFlare uses for this failure (wire spec §6.7).
+    /// The cell return code NVFlare uses for this failure.
     pub fn return_code(&self) -> CellReturnCode {
         match self {
             HandlerError::ServiceUnavailable => CellReturnCode::ServiceUnavailable,

@@ -1,7 +1,7 @@
 //! Fully qualified cell names (FQCN).
 //!
 //! Every CellNet endpoint is addressed by a dot-joined path, root first (`server`,
-//! `server.<job>`, `site-1`, `site-1.<job>`; wire spec §7.1). Routing, reply addressing and the
+//! `server.<job>`, `site-1`, `site-1.<job>`). Routing, reply addressing and the
 //! server/client split all derive from that string, so it is validated once, here, and then
 //! carried as a [`Fqcn`] that is known to be well formed.
 
@@ -13,7 +13,7 @@ use crate::error::CellError;
 
 /// A validated fully qualified cell name.
 ///
-/// Rules (wire spec §7.1): non-empty parts separated by `.`, each part made of
+/// Rules: non-empty parts separated by `.`, each part made of
 /// `[A-Za-z0-9_~-]`, and no part repeated within one name. The root (first part) `server` is
 /// reserved for the server side; every other root names a client site.
 ///

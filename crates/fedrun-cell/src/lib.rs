@@ -2,7 +2,7 @@
 //!
 //! NVFlare processes talk through *cells*: endpoints named by FQCN (`server`, `site-1.<job>`)
 //! that exchange messages made of `cn__*` headers and a payload, as requests with replies or as
-//! fire-and-forget messages (wire spec §6, §7). This crate rebuilds that layer with actix: one
+//! fire-and-forget messages. This crate rebuilds that layer with actix: one
 //! [`Cell`] actor per endpoint, and an in-process [`Network`] that delivers messages between the
 //! cells of one process without encoding or copying the payload. A later TCP transport only
 //! has to implement [`Transport`] (framing and FOBS encoding); cells do not change.

@@ -1,4 +1,4 @@
-//! The CellNet message: ordered headers plus a payload (wire spec §6).
+//! The CellNet message: ordered headers plus a payload.
 //!
 //! A [`CellMessage`] is what cells exchange. Its header map carries the routing and
 //! request/reply bookkeeping under the `cn__*` keys (listed, with their exact strings, in
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use fedrun_core::{CellReturnCode, Shareable, Value};
 use indexmap::IndexMap;
 
-/// The exact header keys of a cell message (wire spec §6.1).
+/// The exact header keys of a cell message.
 pub mod header {
     /// Prefix of every CellNet header.
     pub const CELLNET_PREFIX: &str = "cn__";
@@ -133,7 +133,7 @@ impl fmt::Display for MsgType {
     }
 }
 
-/// How a payload is (or would be) encoded on the wire (`cn__payload_encoding`, §8.1).
+/// How a payload is (or would be) encoded on the wire (`cn__payload_encoding`).
 ///
 /// # Example
 ///
@@ -250,7 +250,7 @@ impl fmt::Display for CellCode {
 
 /// The header map of a cell message: insertion-ordered, string keys, [`Value`] values.
 ///
-/// Typed getters read the `cn__*` keys of wire spec §6.1 and return `None` when the key is
+/// Typed getters read the `cn__*` header keys and return `None` when the key is
 /// absent **or** holds a value of the wrong type (the raw value stays readable with
 /// [`Headers::get`]). Any other key is an application header.
 ///
@@ -658,7 +658,7 @@ impl Payload {
         matches!(self, Payload::None)
     }
 
-    /// The `cn__payload_encoding` a wire transport would use, following NVFlare's rule (§8.1):
+    /// The `cn__payload_encoding` a wire transport would use, following NVFlare's rule:
     /// absent → `none`, bytes-like → `bytes`, anything else → `fobs`. A `Value::Nil` counts as
     /// absent and a `Value::Bin` as bytes-like, like Python's `None` and `bytes`.
     pub fn encoding(&self) -> PayloadEncoding {

@@ -8,7 +8,7 @@
 //!
 //! The trait exists so that a TCP connector can later implement the same three operations:
 //! `register` (a local cell becomes reachable), `unregister`, and `route` (for TCP: pick the
-//! connection per wire spec §7.3, encode, frame, write). A [`crate::Cell`] only ever sees an
+//! connection by NVFlare's route rule, encode, frame, write). A [`crate::Cell`] only ever sees an
 //! `Arc<dyn Transport>`, so it needs no change when the transport does.
 
 use std::collections::HashMap;

@@ -173,7 +173,7 @@ async fn reply_headers_follow_nvflare() {
     .unwrap();
     let request = within(seen_rx).await.unwrap();
 
-    // Request headers (§6.2), with the caller's extra headers kept.
+    // Request headers, with the caller's extra headers kept.
     let q = &request.headers;
     assert_eq!(q.msg_type(), Some(MsgType::Req));
     let req_id = q.req_id().unwrap();
@@ -196,7 +196,7 @@ async fn reply_headers_follow_nvflare() {
     assert_eq!(q.get("project_name"), Some(&Value::from("demo")));
     assert_eq!(q.msg_root_id(), Some("root-1"));
 
-    // Reply headers (§6.2).
+    // Reply headers.
     let r = &reply.headers;
     assert_eq!(r.msg_type(), Some(MsgType::Reply));
     assert_eq!(r.return_code(), Some(CellCode::Known(CellReturnCode::Ok)));

@@ -1,6 +1,6 @@
 //! Two client job engines talk to each other through the server (issue #5): `site-1.<job>` and
 //! `site-2.<job>` are each their own TCP endpoint connected only to an endpoint named `server`
-//! that hosts no cell and only relays (wire spec §6.6), as fedrun's server process and
+//! that hosts no cell and only relays, as fedrun's server process and
 //! NVFlare's server root cell do. Aux requests go both ways and are answered, small ones in one
 //! frame and a large one as a relayed stream, all over 127.0.0.1 in this one test process.
 //! Every wait has a deadline.

@@ -1,4 +1,4 @@
-//! Clients of a job, the dict form they travel in, and their hierarchy (engine spec §0.4, §1.17).
+//! Clients of a job, the dict form they travel in, and their hierarchy.
 //!
 //! A job's meta lists the sites that take part (`job_clients`), each as a dict with its name, its
 //! cell name (FQCN), its site name in the hierarchy (FQSN, dot-separated from the root) and
@@ -6,7 +6,7 @@
 //! hierarchy (a forest keyed by FQSN) tells each site its parent and children.
 //!
 //! [`parse_job_clients`] builds the clients *and* the hierarchy before returning anything, so a
-//! caller can replace its directory in one step and never keeps a half-updated one (spec §6 #21).
+//! caller can replace its directory in one step and never keeps a half-updated one.
 
 use indexmap::IndexMap;
 
@@ -284,10 +284,10 @@ pub fn build_client_hierarchy(clients: &[Client]) -> Result<ClientHierarchy, Cor
     Ok(forest)
 }
 
-/// Read the job clients from a job's meta (NVFlare's `get_job_clients`, engine spec §1.17): the
+/// Read the job clients from a job's meta (NVFlare's `get_job_clients`): the
 /// meta must be a map whose `job_clients` is a list of client dicts forming a valid hierarchy.
 /// Nothing is returned unless everything is valid, so the caller can swap its directory
-/// atomically (§6 #21). An empty list is valid (no clients, no roots).
+/// atomically. An empty list is valid (no clients, no roots).
 ///
 /// # Example
 /// ```

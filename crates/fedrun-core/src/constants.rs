@@ -1,6 +1,6 @@
 //! NVFlare's string constants, exactly as they travel on the wire.
 //!
-//! Grouped by what they name. Each value is the literal string NVFlare 2.9 uses (engine spec §0.1);
+//! Grouped by what they name. Each value is the literal string NVFlare 2.9 uses;
 //! changing one breaks interoperability with Python sites.
 
 /// Keys of a Shareable's header map (`ReservedHeaderKey`), and the container key itself.

@@ -1,8 +1,8 @@
 //! DXO, the "data exchange object" that training jobs put in their Shareables.
 //!
 //! NVFlare's learners and aggregators exchange model weights, weight differences and metrics as a
-//! DXO: a data kind, a data map and a meta map. On the wire a DXO is flattened into a Shareable
-//! (cellnet-wire spec §8.5): the header `__content_type__` is `"DXO"` and the entry `"DXO"` is the
+//! DXO: a data kind, a data map and a meta map. On the wire a DXO is flattened into a Shareable:
+//! the header `__content_type__` is `"DXO"` and the entry `"DXO"` is the
 //! map `{"kind": <DataKind enum member>, "data": {...}, "meta": {...}}`, in that key order.
 //! [`Dxo::to_shareable`] produces exactly that and [`Dxo::from_shareable`] reads it back.
 

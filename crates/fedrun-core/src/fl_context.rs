@@ -1,4 +1,4 @@
-//! The live FLContext and the manager that shares its sticky props (engine spec §0.3).
+//! The live FLContext and the manager that shares its sticky props.
 //!
 //! Every piece of work in a client job (a task, an event, an aux request) runs with a context: a
 //! bag of props, each with a mask (sticky and/or private). *Sticky* props set through a context
@@ -6,7 +6,7 @@
 //! sees them, including contexts created before the sticker was set. *Private* props never leave
 //! the site; the public ones are what a peer receives ([`FlContext::to_peer_context`]).
 //!
-//! Differences from NVFlare, on purpose (engine spec §6):
+//! Differences from NVFlare, on purpose:
 //! - `__run_num__` (the job id) is a real public sticker of the manager (#30), so
 //!   [`FlContext::set_public_props`] cannot lose it;
 //! - the convenience getters ([`FlContext::job_id`], [`FlContext::process_type`],
@@ -153,7 +153,7 @@ impl FlContextManager {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A new context (NVFlare's `new_context`, engine spec §1.2). Its local props, in order:
+    /// A new context (NVFlare's `new_context`). Its local props, in order:
     /// `__run_num__` (public sticky), `__identity_name__` (public, non-sticky, only when the
     /// identity is not empty), then every public sticker (public sticky) and every private
     /// sticker (private sticky), with their current values.

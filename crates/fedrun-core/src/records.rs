@@ -1,4 +1,4 @@
-//! Small records the engine passes around (engine spec §0.5): run info, task assignments, stream
+//! Small records the engine passes around: run info, task assignments, stream
 //! contexts, aux-message targets and error-log entries.
 //!
 //! They are plain data with no behaviour beyond construction and lookup, kept here so that the
@@ -13,7 +13,7 @@ use crate::value::{Map, Value};
 
 /// What the engine knows about the current run (NVFlare's `ClientRunInfo`).
 ///
-/// NVFlare never updates these fields (spec §6 #2); fedrun's engine keeps them current: it calls
+/// NVFlare never updates these fields; fedrun's engine keeps them current: it calls
 /// [`ClientRunInfo::mark_started`] at run start and [`ClientRunInfo::set_current_task`] /
 /// [`ClientRunInfo::clear_current_task`] as assignments come and go.
 ///
@@ -100,7 +100,7 @@ impl TaskAssignment {
     }
 
     /// An assignment received now whose task id is the data's `__task_id__` header (when it is a
-    /// string), as the engine builds it after a fetch (spec §1.3).
+    /// string), as the engine builds it after a fetch.
     pub fn from_task(name: &str, data: Shareable) -> Self {
         let task_id = data
             .header_or_none(header_key::TASK_ID)

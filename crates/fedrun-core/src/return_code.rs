@@ -2,9 +2,9 @@
 //!
 //! NVFlare has *application* return codes (upper case, carried in a Shareable's `__rc__` header)
 //! and *cell* (transport) return codes (lower case, the `cn__return_code` header of a cell
-//! message). Some cell codes are copied verbatim into Shareables by NVFlare's aux runner (engine
-//! spec §6 #17), so [`ReturnCode`] can hold a cell code too, and any code a peer sends that
-//! fedrun does not know is kept as [`ReturnCode::Other`] rather than rejected.
+//! message). Some cell codes are copied verbatim into Shareables by NVFlare's aux runner, so
+//! [`ReturnCode`] can hold a cell code too, and any code a peer sends that fedrun does not know is
+//! kept as [`ReturnCode::Other`] rather than rejected.
 
 use std::fmt;
 use std::str::FromStr;

@@ -3,7 +3,7 @@
 //! A Shareable is a string-keyed, insertion-ordered map of [`Value`]s that always contains the
 //! key `__headers__`, whose value is the header map (return code, cookies, peer props, peer
 //! context, ...). Order is kept because NVFlare's encoding of a Shareable is its dict in insertion
-//! order, and fedrun re-encodes payloads byte for byte (engine spec §0.2).
+//! order, and fedrun re-encodes payloads byte for byte.
 
 use indexmap::IndexMap;
 
@@ -48,7 +48,7 @@ impl Shareable {
     }
 
     /// NVFlare's `Shareable(data)`: copies the entries of `data` and then **replaces** the header
-    /// map with an empty one, so headers present in `data` are dropped (engine spec §0.2, §6 #38).
+    /// map with an empty one, so headers present in `data` are dropped.
     /// Use [`Shareable::with_headers`] to keep them.
     pub fn from_entries<I, K>(data: I) -> Self
     where
@@ -83,7 +83,7 @@ impl Shareable {
         self.entries.len()
     }
 
-    /// Never true: `__headers__` is always present (a Shareable is never "empty", §0.2).
+    /// Never true: `__headers__` is always present (a Shareable is never "empty").
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -1,4 +1,4 @@
-//! What the engine costs on top of the cells it talks through (issue #3 §5).
+//! What the engine costs on top of the cells it talks through.
 //!
 //! Everything runs on the in-process network, inside one actix `System` per benchmark group
 //! (built once, reused through `block_on` with criterion's `iter_custom`):

@@ -78,7 +78,7 @@ pub enum EngineError {
     /// An aux target name is neither a reserved word nor a known job client; nothing was sent.
     #[error("invalid target {0}: not server, server_parent or a job client")]
     UnknownTarget(String),
-    /// `@ALL` was asked for before the job clients were loaded (spec §6 #20).
+    /// `@ALL` was asked for before the job clients were loaded.
     #[error("job clients are not loaded yet: @ALL cannot be resolved")]
     JobClientsNotLoaded,
     /// The engine's process type is none of `CP`, `SP`, `CJ`, `SJ`, so target cells cannot be

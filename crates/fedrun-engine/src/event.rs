@@ -1,4 +1,4 @@
-//! The event fan-out: how one event reaches every handler (engine spec §2.7).
+//! The event fan-out: how one event reaches every handler.
 //!
 //! The registry actor owns the handler list; this module owns the algorithm, so that it can be
 //! run on a snapshot of the list outside the actor's mailbox (a handler may then fire a nested
@@ -8,7 +8,7 @@
 //! `__event_scope__` (default [`EVENT_SCOPE_LOCAL`]) are read from the context and written back
 //! before every handler (a handler may have changed them); `###event_depth` guards recursion
 //! (more than [`MAX_EVENT_DEPTH`] nested fires are refused) and is restored when the fan-out ends,
-//! whatever the handlers did (spec §6 #29). A handler that fails or panics is logged and recorded
+//! whatever the handlers did. A handler that fails or panics is logged and recorded
 //! in the context's `__exceptions__` map (handler name → error text); the others still run.
 
 use std::panic::AssertUnwindSafe;

@@ -156,7 +156,7 @@ where
     }
 }
 
-/// NVFlare's `abort_app(job_id)`, fixed (spec §6 #26): abort this engine's run when `job_id` is
+/// NVFlare's `abort_app(job_id)`, fixed: abort this engine's run when `job_id` is
 /// its job (every actor and handler observing the run's abort signal sees it); otherwise log a
 /// warning and do nothing. Replies whether the run was aborted.
 ///

@@ -112,15 +112,15 @@ impl ClientEngineBuilder {
         self.job_meta(Value::Map(meta))
     }
 
-    /// Answer aux requests from peers of another job with `RUN_MISMATCH` (spec §6 #40; off by
+    /// Answer aux requests from peers of another job with `RUN_MISMATCH` (off by
     /// default because NVFlare's parent processes have no job id).
     pub fn check_run_mismatch(mut self, on: bool) -> Self {
         self.check_run_mismatch = on;
         self
     }
 
-    /// The starting communication timeout of task pulls and result pushes (default 300 s, spec
-    /// §4.1; a server reply's `min_get_task_timeout` may raise it).
+    /// The starting communication timeout of task pulls and result pushes (default 300 s, as
+    /// NVFlare's; a server reply's `min_get_task_timeout` may raise it).
     pub fn communication_timeout(mut self, timeout: Duration) -> Self {
         self.communication_timeout = timeout;
         self
@@ -404,12 +404,12 @@ impl EngineHandle {
         self.send(NewContext).await
     }
 
-    /// NVFlare's `show_errors()` (fixed, spec §6 #1): the error log, `None` when empty.
+    /// NVFlare's `show_errors()` (fixed): the error log, `None` when empty.
     pub async fn show_errors(&self) -> Result<Option<ErrorReport>, EngineError> {
         self.send(ShowErrors).await
     }
 
-    /// NVFlare's `reset_errors()` (fixed, spec §6 #1): clears the error log.
+    /// NVFlare's `reset_errors()` (fixed): clears the error log.
     pub async fn reset_errors(&self) -> Result<(), EngineError> {
         self.send(ResetErrors).await
     }
@@ -473,7 +473,7 @@ impl EngineHandle {
         self.send(GetAbortSignal).await
     }
 
-    /// NVFlare's `abort_app(job_id)` (spec §6 #26): aborts this run if `job_id` is its job;
+    /// NVFlare's `abort_app(job_id)`: aborts this run if `job_id` is its job;
     /// otherwise logs a warning. Returns whether the run was aborted.
     pub async fn abort_app(&self, job_id: &str) -> Result<bool, EngineError> {
         self.send(AbortApp {

@@ -16,7 +16,7 @@
 //! [`ClientEngine::builder`] starts them all, with the job's cell, and returns an
 //! [`EngineHandle`]: one async method per engine call, for users who would rather not build
 //! messages ([`handle`]). Supporting modules: [`component`] (the [`Component`] and
-//! [`EventHandler`] traits and [`ComponentRef`]), [`event`] (the event fan-out, spec §2.7) and
+//! [`EventHandler`] traits and [`ComponentRef`]), [`event`] (the event fan-out) and
 //! [`error`] ([`EngineError`]). The repository's `docs/architecture.md` and
 //! `docs/runtime-semantics.md` describe the path of a message and the runtime guarantees.
 //!

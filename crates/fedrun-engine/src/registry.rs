@@ -2,19 +2,19 @@
 //! factories, in one owned store.
 //!
 //! NVFlare spreads these over the engine and the runner config, which loses map identity and
-//! makes components added later invisible (spec §6 #3). Here one actor owns them all:
+//! makes components added later invisible. Here one actor owns them all:
 //!
 //! - components by id, in insertion order ([`AddComponent`], [`GetComponent`],
 //!   [`GetAllComponents`]); a component that handles events is also appended to the handler list;
 //! - the handler list, in registration order ([`AddHandler`], no de-duplication, as NVFlare);
-//! - event firing ([`FireEvent`], spec §2.7): the fan-out runs on a snapshot of the handler list in
+//! - event firing ([`FireEvent`]): the fan-out runs on a snapshot of the handler list in
 //!   a future spawned outside the mailbox, so a handler may fire a nested event through this same
 //!   actor without deadlocking it;
-//! - widgets ([`AddWidget`], [`GetWidget`], spec §1.10);
-//! - runtime component builds ([`BuildComponent`], spec §1.12) from factories registered by class
+//! - widgets ([`AddWidget`], [`GetWidget`]);
+//! - runtime component builds ([`BuildComponent`]) from factories registered by class
 //!   ([`RegisterComponentFactory`]) under an authorizer ([`SetBuildAuthorizer`]).
 //!
-//! Unlike NVFlare (spec §6 #35), a component built at run time is **not** made an event handler
+//! Unlike NVFlare, a component built at run time is **not** made an event handler
 //! behind the caller's back: [`BuildComponent`] only returns it; the caller decides whether to
 //! register it (e.g. with [`AddComponent`], which also subscribes it when it handles events).
 
@@ -260,7 +260,7 @@ impl ComponentRegistry {
         component_type && self.resolve(value).is_ok()
     }
 
-    /// Builds a config that was already authorized (spec §1.12, generic builder).
+    /// Builds a config that was already authorized (generic builder).
     fn build(&self, config: &Json, path: &str) -> Result<Option<ComponentRef>, EngineError> {
         if is_falsy(config) {
             return Ok(None);
@@ -535,7 +535,7 @@ impl Handler<GetHandlerNames> for ComponentRegistry {
 }
 
 /// Fires an event to every handler, in registration order, and replies with the context after
-/// the last handler (spec §2.7; see [`fire_event`](crate::fire_event)).
+/// the last handler (see [`fire_event`](crate::fire_event)).
 ///
 /// The fan-out runs outside the actor's mailbox on a snapshot of the handler list (handlers added
 /// meanwhile see the next event), so handlers may talk to this actor, fire nested events included.
@@ -577,7 +577,7 @@ impl Handler<FireEvent> for ComponentRegistry {
     }
 }
 
-/// Registers a widget under `id` (spec §1.10); one that handles events is also appended to the
+/// Registers a widget under `id`; one that handles events is also appended to the
 /// handlers (NVFlare appends its widgets to the handler list).
 #[derive(Message)]
 #[rtype(result = "Result<(), EngineError>")]
@@ -621,7 +621,7 @@ impl Handler<GetWidget> for ComponentRegistry {
     }
 }
 
-/// NVFlare's `persist_components` (spec §1.9): not supported, logs a warning and does nothing.
+/// NVFlare's `persist_components`: not supported, logs a warning and does nothing.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct PersistComponents {
@@ -692,7 +692,7 @@ impl Handler<SetBuildAuthorizer> for ComponentRegistry {
     }
 }
 
-/// Builds a component from a config at run time (NVFlare's `build_component`, spec §1.12).
+/// Builds a component from a config at run time (NVFlare's `build_component`).
 ///
 /// Order: no factory registered → [`EngineError::NoConfigurator`]; no authorizer →
 /// [`EngineError::NoBuildAuthorizer`]; a falsy config (`null`, `{}`, ...) → `Ok(None)`; not an
@@ -705,8 +705,8 @@ impl Handler<SetBuildAuthorizer> for ComponentRegistry {
 /// [`BuildArgs::components`]; `config_type: "dict"` entries stay data; `args.class_attributes`
 /// replaces the args.
 ///
-/// The built component is only returned: it is neither registered nor subscribed to events
-/// (spec §6 #35); send [`AddComponent`] to do both.
+/// The built component is only returned: it is neither registered nor subscribed to events,
+/// unlike in NVFlare; send [`AddComponent`] to do both.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Option<ComponentRef>, EngineError>")]
 pub struct BuildComponent {

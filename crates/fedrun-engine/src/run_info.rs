@@ -1,19 +1,19 @@
 //! The `RunInfo` actor: what the engine knows about the run it serves.
 //!
 //! NVFlare's `ClientRunManager` keeps a `ClientRunInfo` that it never updates, a context manager,
-//! and no error log of its own (`show_errors`/`reset_errors` are stubs, spec §6 #1). fedrun gives
+//! and no error log of its own (`show_errors`/`reset_errors` are stubs). fedrun gives
 //! these one owner:
 //!
 //! - the [`ClientRunInfo`], kept current: [`MarkRunStarted`] sets `start_time`, [`SetCurrentTask`]
-//!   sets `current_task_name` (spec §6 #2);
-//! - the [`FlContextManager`], built as NVFlare's constructor builds it (spec §1.1 steps 6-8):
+//!   sets `current_task_name`;
+//! - the [`FlContextManager`], built as NVFlare's constructor builds it:
 //!   public stickers `__fqsn__`/`__is_leaf__`, private stickers = the job context props, the
-//!   process type `CJ` and the client config; every [`NewContext`] comes from it (spec §1.2);
+//!   process type `CJ` and the client config; every [`NewContext`] comes from it;
 //! - the run's error log: every actor reports with [`ReportError`]; [`ShowErrors`] groups the
 //!   records by group and key, [`ResetErrors`] clears them; the log is bounded (oldest dropped,
-//!   spec §6 #36);
-//! - the run's [`AbortSignal`]; [`AbortRun`] triggers it when the job id is this run's (spec §6
-//!   #26, §4.4).
+//!   where NVFlare's grows without bound);
+//! - the run's [`AbortSignal`]; [`AbortRun`] triggers it when the job id is this run's (NVFlare's
+//!   `abort_app` ignores the job id).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -32,7 +32,7 @@ pub const DEFAULT_RUN_INFO_MAILBOX: usize = 256;
 /// What a [`RunInfo`] actor is built from (the run-related arguments of NVFlare's constructor).
 ///
 /// `fqsn` and `is_leaf` are read from the client config (keys `fqsn` and `is_leaf`) and default to
-/// the client name and `true` (spec §1.1 step 6).
+/// the client name and `true`.
 ///
 /// # Example
 /// ```
@@ -383,7 +383,7 @@ impl Handler<GetRunInfo> for RunInfo {
     }
 }
 
-/// Asks for a new context of the run's context manager (spec §1.2).
+/// Asks for a new context of the run's context manager.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "FlContext")]
 pub struct NewContext;
@@ -530,7 +530,7 @@ impl Handler<GetAbortSignal> for RunInfo {
     }
 }
 
-/// Aborts the run if `job_id` is this run's job (NVFlare's `abort_app`, spec §6 #26).
+/// Aborts the run if `job_id` is this run's job (NVFlare's `abort_app`).
 ///
 /// Replies `true` when the abort signal was triggered, `false` (with a warning log) when the job
 /// id is another job's.

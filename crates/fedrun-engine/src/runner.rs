@@ -8,7 +8,7 @@
 //!    the task the request carries, headers `__task_name__`/`__task_id__`, and reply with its
 //!    result);
 //! 2. syncs with the server's runner: `__sync_runner__` until a reply says `OK` (the reply is
-//!    looked at before the deadline, spec §6 #32), or [`EngineError::RunnerSyncFailed`] after
+//!    looked at before the deadline), or [`EngineError::RunnerSyncFailed`] after
 //!    `max_runner_sync_timeout`;
 //! 3. fires `_about_to_start_run`, marks the run started, fires `_start_run`, and starts the job
 //!    heartbeat (`__job_heartbeat__`, fire-and-forget, at once and then every
@@ -18,7 +18,7 @@
 //!    job), routed ([`TaskRouter`]), executed, and its result — with the task's cookie jar,
 //!    `__task_name__` and `__task_id__` — is sent after a `__task_check__` (`OK` → send,
 //!    `TASK_UNKNOWN` → drop, `COMMUNICATION_ERROR`/`SERVER_NOT_READY`/no reply → check again after
-//!    `task_check_interval`, any other code → send, logged, spec §6 #33); a failed send is
+//!    `task_check_interval`, any other code → send, logged); a failed send is
 //!    retried the same way; then wait the task's `__wait_time__`;
 //! 5. always ends with the end-of-run events: `_abort_task` (when the run was aborted or a task
 //!    was cut short), `_about_to_end_run`, `_end_run`.
@@ -83,7 +83,7 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
-/// The runner's timing (NVFlare's client runner config variables; spec §0.1).
+/// The runner's timing (NVFlare's client runner config variables).
 ///
 /// # Example
 /// ```
@@ -735,7 +735,7 @@ impl Shared {
                 _ = self.stop.triggered() => return Ok(false),
                 r = self.engine.send(msg) => r,
             };
-            // The reply is looked at before the deadline (spec §6 #32).
+            // The reply is looked at before the deadline.
             match reply {
                 Err(e) => return Err(e),
                 Ok(Ok(replies)) => match replies
@@ -1193,7 +1193,7 @@ impl RunnerControl {
         self.shared.request_stop(RunEnd::EndRun);
     }
 
-    /// Aborts the tasks running now, not the run (NVFlare's missing `abort_task`, spec §6 #27):
+    /// Aborts the tasks running now, not the run (NVFlare's missing `abort_task`):
     /// their results become `TASK_ABORTED` and are sent as usual. Returns how many were running.
     pub fn abort_current_tasks(&self) -> usize {
         let Ok(running) = self.shared.running.lock() else {

@@ -1,5 +1,5 @@
 //! Guarantees of the `ComponentRegistry` actor: one component store, handler registration and
-//! event fan-out (spec §2.7), and authorized runtime component builds (spec §1.12).
+//! event fan-out, and authorized runtime component builds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,5 +1,5 @@
-//! Guarantees of the client job's task loop (`ClientRunner`, the pinned task protocol; engine spec
-//! §4.3, §4.4, §6 #27, #32, #33) and of the client job config that builds its executors.
+//! Guarantees of the client job's task loop (`ClientRunner`, the pinned task
+//! protocol) and of the client job config that builds its executors.
 //!
 //! Each test runs one client engine and its runner against a fake server job on one in-process
 //! network: a cell at `server.J` whose `server_command` handlers answer `get_task` from a script

@@ -1,7 +1,8 @@
-//! Guarantees of the `StreamProcessor` actor (object streaming, engine spec §3 with the fixes of
-//! §6 #7-#16), checked through actor mailboxes on a whole federation in one in-process network:
-//! a server job (`server.<job>`, process type `SJ`) and three client jobs (`site-N.<job>`), each
-//! with its own run, aux runner and stream processor, job clients loaded from the job meta.
+//! Guarantees of the `StreamProcessor` actor (object streaming, with NVFlare's
+//! `ObjectStreamer` bugs fixed), checked through actor mailboxes on a whole federation in one
+//! in-process network: a server job (`server.<job>`, process type `SJ`) and three client jobs
+//! (`site-N.<job>`), each with its own run, aux runner and stream processor, job clients loaded
+//! from the job meta.
 //!
 //! Every wait has a deadline and waits on the event itself (a reply, or a message sent by a
 //! consumer or callback); no test sleeps.

@@ -1,5 +1,5 @@
-//! Guarantees of the `TaskFetcher` actor (task pulls and result pushes, engine spec §1.3, §1.4,
-//! §4.1, §4.2, §6 #28, #34), checked against a fake server job: a plain cell at `server.J` whose
+//! Guarantees of the `TaskFetcher` actor (task pulls and result pushes),
+//! checked against a fake server job: a plain cell at `server.J` whose
 //! handlers on `server_command` / `get_task` and `submit_update` answer as the pinned protocol
 //! says (a scripted reply per request) and record every request they receive.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -505,7 +505,7 @@ async fn submit_update_is_true_only_for_cell_ok() {
     let net = Network::new();
     let server = FakeServer::start(&net).await;
     // A long communication timeout: a push with a timeout argument must not wait for it
-    // (push timeout = argument, no max, spec §6 #34).
+    // (push timeout = argument, no max).
     let c = client(&net, Duration::from_secs(300));
 
     server.on_submit(Reply::Ok(Shareable::new()));

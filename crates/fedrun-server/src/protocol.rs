@@ -1,5 +1,5 @@
-//! The wire form of the server side of the task protocol (pinned in `task-protocol.md`, wire
-//! spec §10.3): reading `get_task` / `submit_update` requests and building the exact replies.
+//! The wire form of the server side of the task protocol (pinned in `task-protocol.md`):
+//! reading `get_task` / `submit_update` requests and building the exact replies.
 //!
 //! Kept apart from the task manager's bookkeeping so that the header names and their order —
 //! which Python clients read — are in one place, next to the capture they come from

@@ -1,7 +1,7 @@
 //! The SFM frame codec for a TCP byte stream (`tokio_util::codec`).
 //!
 //! TCP delivers bytes, not frames. [`SfmCodec`] cuts the stream at frame boundaries using only
-//! the prefix's `length` (wire spec §2: read 16 bytes, check the length, read the rest), refuses
+//! the prefix's `length` (read 16 bytes, check the length, read the rest), refuses
 //! impossible lengths *before* buffering anything for them, and hands each frame out without
 //! copying its payload (`split_to(..).freeze()`). Any error is fatal for the connection it came
 //! from (a byte stream cannot be resynchronised), and only for that one: the caller closes it.

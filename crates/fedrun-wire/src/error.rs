@@ -126,7 +126,7 @@ pub enum WireError {
         /// What is wrong with it.
         problem: &'static str,
     },
-    /// A stream this endpoint sends got no ACK progress for too long (wire spec §9.3).
+    /// A stream this endpoint sends got no ACK progress for too long.
     #[error(
         "stream {stream_id}: no ACK progress for {waited:?} (receiver acknowledged {acked} bytes)"
     )]
@@ -138,7 +138,7 @@ pub enum WireError {
         /// Bytes the receiver had acknowledged.
         acked: u64,
     },
-    /// The receiver ended a stream this endpoint sends with `sm__ERROR` (wire spec §9.4).
+    /// The receiver ended a stream this endpoint sends with `sm__ERROR`.
     #[error("stream {stream_id} rejected by {receiver}: {message}")]
     StreamRejected {
         /// `sm__id` of the stream.
@@ -162,7 +162,7 @@ pub enum WireError {
     /// A message to send has no valid `cn__destination`.
     #[error("invalid destination {0:?}")]
     InvalidDestination(String),
-    /// No connection leads to the destination (wire spec §7.3).
+    /// No connection leads to the destination.
     #[error("no connection leads to {0}")]
     NoRoute(String),
     /// A URL that is not `tcp://host:port`.

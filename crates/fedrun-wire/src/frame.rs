@@ -1,4 +1,4 @@
-//! The SFM frame: NVFlare's unit of transmission on a TCP connection (wire spec §3, §4, §5).
+//! The SFM frame: NVFlare's unit of transmission on a TCP connection.
 //!
 //! Every frame is a 16-byte big-endian prefix (`>IHBBHHHH`: length, header_len, type, reserved,
 //! flags, app_id, stream_id, sequence), then `header_len` bytes of headers (a msgpack map with
@@ -54,7 +54,7 @@ pub mod flags {
     pub const PUB_SUB: u16 = 0x0800;
 }
 
-/// The type byte of a frame (wire spec §3.2).
+/// The type byte of a frame.
 ///
 /// # Example
 ///
@@ -561,7 +561,7 @@ fn write_headers<S: msgpack::Sink>(out: &mut S, headers: &Headers) -> Result<(),
     Ok(())
 }
 
-/// The HELLO/READY payload: `{"endpoint_name": .., "timestamp": .., "fqcn": ..}` (wire spec §4).
+/// The HELLO/READY payload: `{"endpoint_name": .., "timestamp": .., "fqcn": ..}`.
 ///
 /// Only `endpoint_name` is required on receipt; `timestamp` and `fqcn` are informational.
 ///
@@ -642,7 +642,7 @@ impl HandshakeInfo {
         })
     }
 
-    /// The endpoint name as a validated FQCN (wire spec §4: `[A-Za-z0-9_.~-]`, non-empty, no
+    /// The endpoint name as a validated FQCN (`[A-Za-z0-9_.~-]`, non-empty, no
     /// empty or duplicate parts).
     ///
     /// # Errors

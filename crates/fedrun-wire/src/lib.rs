@@ -3,7 +3,7 @@
 //! A fedrun [`fedrun_cell::Cell`] talks to other cells through a
 //! [`fedrun_cell::Transport`]. Inside one process that is the in-process network; to talk to
 //! NVFlare's Python processes (or to another fedrun process) it must be NVFlare's own wire:
-//! SFM frames over plain TCP (wire spec §2-§5). This crate provides it, layer by layer:
+//! SFM frames over plain TCP. This crate provides it, layer by layer:
 //!
 //! - [`frame`]: the [`Frame`] (16-byte prefix, msgpack header map, payload), its exact byte
 //!   form, the handshake payload [`HandshakeInfo`] and the heartbeat payload.
@@ -17,16 +17,16 @@
 //! - [`stream_tx`]: sending NVFlare streams (chunks, windowed ACKs, streamed requests and the
 //!   matching of their streamed replies), configured by [`StreamSendConfig`].
 //! - [`transport`]: [`TcpTransport`], the [`fedrun_cell::Transport`] that runs cells over
-//!   TCP: listeners and reconnecting connectors, HELLO/READY, PING/PONG, the §7.3 route rule,
-//!   relaying (§6.6), one bounded writer queue per connection.
+//!   TCP: listeners and reconnecting connectors, HELLO/READY, PING/PONG, NVFlare's route rule,
+//!   relaying, one bounded writer queue per connection.
 //! - [`error`]: [`WireError`], one typed variant per way a peer or a socket can fail.
 //!
 //! # Relaying
 //!
-//! An endpoint passes on, as NVFlare's cells do (wire spec §6.6), every message addressed to a
+//! An endpoint passes on, as NVFlare's cells do, every message addressed to a
 //! cell it does not host: that is how fedrun's `server` endpoint (NVFlare's server root cell)
 //! carries traffic between client jobs such as `site-1.J` and `site-2.J`, which are connected
-//! only to it. The next hop is the §7.3 pick (a peer named as the destination, else the
+//! only to it. The next hop is NVFlare's route pick (a peer named as the destination, else the
 //! longest prefix of the destination that is a peer, else `server`, else the parent); the
 //! message leaves with `cn__from` = this endpoint, `cn__to` = the next hop and this endpoint
 //! appended to `cn__route`, its payload neither decoded nor copied. Streams are relayed chunk

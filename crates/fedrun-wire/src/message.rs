@@ -1,4 +1,4 @@
-//! Cell messages on the wire: a [`CellMessage`] ↔ one DATA frame (wire spec §1, §8.1).
+//! Cell messages on the wire: a [`CellMessage`] ↔ one DATA frame.
 //!
 //! An SFM DATA frame carries exactly one CellNet message: the frame's header map *is* the
 //! message's header map and the frame's payload is the message payload encoded per

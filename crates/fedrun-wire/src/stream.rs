@@ -1,4 +1,4 @@
-//! The streaming layer's headers (wire spec §9): what one `sm__STREAM` message says.
+//! The streaming layer's headers: what one `sm__STREAM` message says.
 //!
 //! NVFlare sends every message on a "stream channel" (`server_command`, `aux_communication`,
 //! `download_service__` ...) as a *stream*: fire-and-forget cell messages on channel

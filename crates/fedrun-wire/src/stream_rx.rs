@@ -1,5 +1,5 @@
-//! Receiving NVFlare streams, and answering streamed requests with a streamed reply (wire spec
-//! §9, §12 step 5).
+//! Receiving NVFlare streams, and answering streamed requests with a streamed reply, as
+//! NVFlare's cells do.
 //!
 //! Python sends every message on a stream channel (`aux_communication`, `server_command`,
 //! `download_service__` ...) as chunks on `sm__STREAM`/`sm__DATA`. A fedrun cell must receive
@@ -533,10 +533,10 @@ impl StreamReceiver {
         self.lock().replies.remove(id)
     }
 
-    /// The chunk messages of the streamed reply `reply` to `pending`, from `own` (wire spec
-    /// §9.5): channel `return_only`, topic `"<channel>:<topic>"`, the request's `sm__ri`, the
-    /// reply's return code, error and application headers, chunks of `params.chunk_size`.
-    /// Not reliable (no retries): TCP delivers in order, and Python accepts unreliable replies.
+    /// The chunk messages of the streamed reply `reply` to `pending`, from `own`: channel
+    /// `return_only`, topic `"<channel>:<topic>"`, the request's `sm__ri`, the reply's return code,
+    /// error and application headers, chunks of `params.chunk_size`. Not reliable (no retries): TCP
+    /// delivers in order, and Python accepts unreliable replies.
     pub(crate) fn reply_chunks(
         &self,
         own: &Fqcn,

@@ -1,5 +1,5 @@
 //! Sending NVFlare streams: big (or chosen) messages leave as `sm__DATA` chunks with windowed
-//! acknowledgements (wire spec §9.1-§9.5).
+//! acknowledgements.
 //!
 //! One DATA frame per message works up to the frame limit, but a Python cell sends anything on
 //! its stream channels as a *stream*, and a large model update should not sit in one 2 GiB
@@ -9,10 +9,10 @@
 //! - **when** ([`StreamSendConfig`]): a request or fire-and-forget message whose encoded payload
 //!   is above a threshold (one 1 MiB chunk plus 64 KiB of room for headers, by default), or any message on a channel chosen with
 //!   [`StreamChannels`] (for instance NVFlare's own rule), leaves as a stream. Replies never do,
-//!   except the reply to a streamed request, which always does (on `return_only`, §9.5).
+//!   except the reply to a streamed request, which always does (on `return_only`).
 //! - **how**: the encoded blob is cut into `Bytes` slices (no copy), every non-final chunk
 //!   exactly `chunk_size` bytes, the last one the remainder (an empty blob is one empty FINAL
-//!   chunk); each chunk carries the `sm__*` headers of §9.2 and the logical message's own
+//!   chunk); each chunk carries the `sm__*` headers NVFlare sets and the logical message's own
 //!   headers, in the key order Python uses.
 //! - **flow control**: before each chunk the sender pauses while `sent − acked > window`;
 //!   `sm__ACK` messages advance `acked`. It then waits for the ACK of the final byte. No ACK
@@ -58,7 +58,7 @@ pub const STREAM_THRESHOLD_HEADROOM: usize = 64 * 1024;
 /// [`STREAM_THRESHOLD_HEADROOM`], so that a message carrying one chunk's worth of data (an
 /// object-stream piece of 1 MiB with its headers) still travels as one frame.
 pub const STREAM_THRESHOLD: usize = SEND_CHUNK_SIZE + STREAM_THRESHOLD_HEADROOM;
-/// The channels NVFlare's `Cell` never streams (wire spec §9.1); every other non-empty channel
+/// The channels NVFlare's `Cell` never streams; every other non-empty channel
 /// it streams.
 pub const NVFLARE_UNSTREAMED_CHANNELS: [&str; 8] = [
     "admin",
@@ -91,7 +91,7 @@ const WAITING_REPLY_TTL: Duration = Duration::from_secs(3600);
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum StreamChannels {
     /// No channel: only the size threshold decides (the default; NVFlare accepts unstreamed
-    /// requests on every channel, wire spec §9.1).
+    /// requests on every channel).
     #[default]
     None,
     /// NVFlare's `Cell` rule: every non-empty channel except
@@ -613,7 +613,7 @@ impl StreamSender {
 
     /// The reply to deliver for a streamed reply with `sm__ri` `request_id`: the local cell
     /// that asked, and the message with the request's `cn__req_id`, channel and topic restored
-    /// and `cn__msg_type` `reply` (reply chunks say `req`, §9.5). `None` for a reply nobody
+    /// and `cn__msg_type` `reply` (reply chunks say `req`). `None` for a reply nobody
     /// waits for (late, unknown, or from another cell than the one asked).
     pub(crate) fn take_reply(
         &self,

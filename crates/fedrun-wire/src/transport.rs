@@ -1,4 +1,4 @@
-//! The TCP transport: fedrun cells on NVFlare's wire (wire spec §2, §4-§7, §12).
+//! The TCP transport: fedrun cells on NVFlare's wire.
 //!
 //! [`TcpTransport`] implements [`fedrun_cell::Transport`], so a [`fedrun_cell::Cell`] started on
 //! it talks to NVFlare's Python cells (or to another fedrun process) without any change to the
@@ -8,9 +8,9 @@
 //!   (sending HELLO, waiting for READY, reconnecting forever with back-off 1, 2, 4, 8, 10, 10 …
 //!   s). Peers are known by the endpoint name of their handshake; one connection per name, a
 //!   newer one evicts the older.
-//! - **sending**: a cell message is encoded (FOBS for values, raw bytes, or nothing; wire spec
-//!   §8.1), stamped with this hop's `cn__from`/`cn__to`, and queued to the connection picked by
-//!   the leaf rule of §7.3 (a peer named as the destination, else the longest prefix of the
+//! - **sending**: a cell message is encoded (FOBS for values, raw bytes, or nothing, by NVFlare's
+//!   rule), stamped with this hop's `cn__from`/`cn__to`, and queued to the connection picked by
+//!   NVFlare's leaf route rule (a peer named as the destination, else the longest prefix of the
 //!   destination that is a peer, else `server`, else this endpoint's parent). Each connection
 //!   has one writer task fed by a *bounded* queue: a slow peer slows its senders down instead of
 //!   growing memory.
@@ -19,9 +19,9 @@
 //!   by `cn__destination` (awaiting its mailbox: back-pressure reaches TCP). Streamed messages
 //!   (`sm__STREAM`) are reassembled and acknowledged by the endpoint; the reply to a streamed
 //!   request leaves as a stream on `return_only`, as the Python requester expects.
-//! - **relaying** (§6.6, [`WireConfig::forwarding`], on by default): a message for a cell that
-//!   is not hosted here is passed on, undecoded, to the next hop of the §7.3 rule (a peer named
-//!   as the destination, else its longest prefix that is a peer, else `server`, else this
+//! - **relaying** ([`WireConfig::forwarding`], on by default, as in NVFlare): a message for a cell
+//!   that is not hosted here is passed on, undecoded, to the next hop of the route rule (a peer
+//!   named as the destination, else its longest prefix that is a peer, else `server`, else this
 //!   endpoint's parent), with `cn__from` = this endpoint, `cn__to` = the next hop and this
 //!   endpoint appended to `cn__route`. This is NVFlare's server root relaying between a client
 //!   job `site-1.J` and `site-2.J` (or the server job `server.J`). Stream chunks, ACKs and
@@ -82,7 +82,7 @@ use crate::stream_tx::{ChunkParams, MessageChunks, StreamSendConfig, StreamSende
 
 /// The channel of CellNet's own control messages.
 pub const CELLNET_CHANNEL: &str = "cellnet.channel";
-/// The topic a peer says goodbye on (wire spec §6.8).
+/// The topic a peer says goodbye on.
 pub const BYE_TOPIC: &str = "bye";
 
 /// How long [`TcpTransport::shutdown`] waits for its goodbyes to be answered (NVFlare's `bye`
@@ -141,9 +141,9 @@ pub struct WireConfig {
     pub reconnect_max: Duration,
     /// How (and when) messages are sent as NVFlare streams.
     pub stream_send: StreamSendConfig,
-    /// Whether this endpoint relays messages addressed to a cell it does not host (wire spec
-    /// §6.6; on by default, as every NVFlare cell does). A relayed message is passed on
-    /// undecoded to the next hop of the §7.3 rule with this endpoint as `cn__from` and appended
+    /// Whether this endpoint relays messages addressed to a cell it does not host (on
+    /// by default, as every NVFlare cell does). A relayed message is passed on
+    /// undecoded to the next hop of the route rule with this endpoint as `cn__from` and appended
     /// to `cn__route`; a next hop already on the route is refused as a loop. Off: such a
     /// message is answered with a `return` (`comm_error`, "cannot forward") if it is a request
     /// that expects a reply, and dropped otherwise, which is all a leaf needs.
@@ -599,7 +599,7 @@ impl Inner {
             .cloned()
     }
 
-    /// The connection a message for `dest` leaves on (wire spec §7.3, leaf rule): a peer named
+    /// The connection a message for `dest` leaves on (NVFlare's leaf route rule): a peer named
     /// `dest`, else the longest prefix of `dest` that is a peer, else `server`, else this
     /// endpoint's parent.
     pub(crate) fn pick_link(&self, dest: &Fqcn) -> Option<(Fqcn, Link)> {
@@ -746,7 +746,7 @@ impl Inner {
     }
 
     /// Sends a cell's message (`logical`: its headers; `body`: its encoded payload) as an
-    /// NVFlare stream over `link` (wire spec §9.2, §9.3). A request that expects a reply gets a
+    /// NVFlare stream over `link`. A request that expects a reply gets a
     /// fresh `sm__ri`, under which its streamed reply is expected.
     async fn stream_out(
         &self,
@@ -822,7 +822,7 @@ impl Inner {
         h.set_to(peer.as_str());
     }
 
-    /// Sends a cell's reply to a streamed request as a stream on `return_only` (§9.5).
+    /// Sends a cell's reply to a streamed request as a stream on `return_only`.
     async fn send_stream_reply(
         &self,
         pending: &PendingReply,
@@ -917,7 +917,7 @@ impl Inner {
         written.await.unwrap_or(Err(CellReturnCode::CommError))
     }
 
-    /// The `cellnet.channel`/`bye` request to `peer` (wire spec §6.8).
+    /// The `cellnet.channel`/`bye` request to `peer`.
     fn bye_request(&self, peer: &Fqcn, req_id: &str) -> Option<Frame> {
         let now = epoch_secs();
         let mut h = Headers::new();
@@ -1074,9 +1074,9 @@ impl Inner {
         self.answer_return(peer, h, tx).await;
     }
 
-    /// The `return` message (§6.6: `comm_error`, "cannot forward", `cant_forward`, the request's
-    /// headers) for a request that expects a reply and cannot reach its destination, queued on
-    /// the connection it came from. Anything else gets no answer.
+    /// The `return` message (as NVFlare sends it: `comm_error`, "cannot forward", `cant_forward`,
+    /// the request's headers) for a request that expects a reply and cannot reach its destination,
+    /// queued on the connection it came from. Anything else gets no answer.
     async fn answer_return(&self, peer: &Fqcn, h: &Headers, tx: &mpsc::Sender<Outbound>) {
         let wants_reply = h.msg_type() == Some(MsgType::Req) && h.reply_expected() == Some(true);
         let Some(req_id) = h.req_id().filter(|_| wants_reply) else {
@@ -1095,7 +1095,7 @@ impl Inner {
         self.queue_answer(peer, ret, tx).await;
     }
 
-    /// The destination of an incoming DATA frame if this endpoint must relay it (§6.6): relaying
+    /// The destination of an incoming DATA frame if this endpoint must relay it: relaying
     /// is on, the destination is a valid name, and it is neither this endpoint nor a cell hosted
     /// here. Everything else (including a frame without headers or with an invalid
     /// destination) takes the local path, which answers what it cannot deliver.
@@ -1110,8 +1110,8 @@ impl Inner {
         Some(dest)
     }
 
-    /// Relays a DATA frame addressed to `dest`, which is not here, towards it (§6.6): the next
-    /// hop is picked by the §7.3 rule; `cn__from` becomes this endpoint, `cn__to` the next hop,
+    /// Relays a DATA frame addressed to `dest`, which is not here, towards it: the next
+    /// hop is picked by the route rule; `cn__from` becomes this endpoint, `cn__to` the next hop,
     /// and this endpoint is appended to `cn__route`; headers and payload are otherwise passed on
     /// as they came (the payload is neither decoded nor copied). A next hop already on the
     /// route (or the peer the frame came from) is refused as a loop, unless it is `dest`

@@ -1,4 +1,4 @@
-//! Relaying (wire spec §6.6, §7.3): an endpoint passes on what is addressed to a cell it does
+//! Relaying: an endpoint passes on what is addressed to a cell it does
 //! not host. The fixture is NVFlare's star on loopback: a listener named `server` that hosts no
 //! cell and only relays, and two client jobs `site-1.job1` and `site-2.job1` that each connect
 //! to it (their own endpoints, so every message between them crosses the relay). A raw socket
@@ -311,8 +311,8 @@ async fn bounce_between_two_relays_is_refused_as_a_loop_and_answered_with_a_retu
         .unwrap();
     assert!(parent.wait_for_peer(&Fqcn::SERVER, DEADLINE).await);
     let j = job_via("site-1.job1", parent_addr).await;
-    // site-1 has no `site-1.other`: it passes it to `server` (the §7.3 fallback), which would
-    // hand it back to site-1 (the longest prefix): a loop, refused by the server.
+    // site-1 has no `site-1.other`: it passes it to `server` (the route rule's fallback), which
+    // would hand it back to site-1 (the longest prefix): a loop, refused by the server.
     let reply = j
         .cell
         .send_request(request("site-1.other", Payload::None))

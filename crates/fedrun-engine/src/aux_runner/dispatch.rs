@@ -1,14 +1,14 @@
 //! Incoming aux messages: the user handler types and the checks every message goes through
-//! before a handler sees it (spec §2.3, with the fixes of §6 #22, #23, #40).
+//! before a handler sees it.
 //!
 //! Check order, each failure answered with a Shareable carrying the return code (inside a cell
 //! `ok`, as NVFlare does):
 //!
 //! 1. the payload is not a Shareable → `BAD_REQUEST_DATA`;
-//! 2. peer props present but not a map → `BAD_PEER_CONTEXT` (NVFlare crashes here, §6 #22);
+//! 2. peer props present but not a map → `BAD_PEER_CONTEXT` (NVFlare crashes here);
 //! 3. no handler for the topic → `TOPIC_UNKNOWN`;
 //! 4. peer props missing or empty → `MISSING_PEER_CONTEXT`;
-//! 5. only when enabled (§6 #40): the peer's `__run_num__` absent or not this job → `RUN_MISMATCH`;
+//! 5. only when enabled: the peer's `__run_num__` absent or not this job → `RUN_MISMATCH`;
 //! 6. the handler fails or panics → `HANDLER_EXCEPTION` (the runner keeps serving);
 //! 7. otherwise the handler's reply.
 //!

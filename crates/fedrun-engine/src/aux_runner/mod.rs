@@ -3,16 +3,16 @@
 //! Aux messages are the job processes' side channel (channel `aux_communication`, one topic per
 //! purpose): the server syncs and checks on the client runner with them, components exchange
 //! their own messages, and the object streamer rides on them. NVFlare's `AuxRunner` plus the
-//! target/directory parts of `ClientRunManager` (spec §1.6, §1.8, §1.14-§1.19, §2) become one
+//! target/directory parts of `ClientRunManager` become one
 //! actor that owns:
 //!
 //! - the aux handlers by topic ([`RegisterAuxMessageHandler`]; no replacement, no wildcard);
-//! - the job clients loaded from the job meta ([`GetJobClients`], swapped atomically, §6 #21) and
+//! - the job clients loaded from the job meta ([`GetJobClients`], swapped atomically) and
 //!   the queries on them ([`ValidateTargets`], [`GetClientFromName`], [`GetClients`]);
 //! - the one cell request handler (channel `aux_communication`, topic `*`) through which every
 //!   incoming aux message reaches [`DispatchAuxRequest`] (its doc lists the checks, in order);
 //! - outgoing requests: [`SendAuxRequest`] (unicast / broadcast), [`MulticastAuxRequests`] (a
-//!   different request per target, which works with a timeout unlike NVFlare, §6 #6) and
+//!   different request per target, which works with a timeout unlike NVFlare) and
 //!   [`FireAndForgetAuxRequest`].
 //!
 //! Target names follow one rule everywhere (see [`AuxTargets`]); an unknown name fails before
@@ -92,8 +92,8 @@ pub struct AuxConfig {
     /// How long the cell may take to accept the handler registration at start and each
     /// fire-and-forget message.
     pub cell_wait_timeout: Duration,
-    /// Answer `RUN_MISMATCH` to peers whose `__run_num__` is absent or another job's (spec §6
-    /// #40; off by default because NVFlare parent processes send no job id).
+    /// Answer `RUN_MISMATCH` to peers whose `__run_num__` is absent or another job's (off by
+    /// default because NVFlare parent processes send no job id).
     pub check_run_mismatch: bool,
     /// The actor's mailbox capacity.
     pub mailbox_capacity: usize,
@@ -359,7 +359,7 @@ impl Actor for AuxRunner {
     }
 }
 
-/// Registers the handler of one aux topic (spec §2.1).
+/// Registers the handler of one aux topic.
 ///
 /// Replies [`EngineError::EmptyTopic`] for an empty topic (whitespace is accepted) and
 /// [`EngineError::DuplicateAuxHandler`] when the topic already has a handler (no replacement).
@@ -404,17 +404,17 @@ impl Handler<RegisterAuxMessageHandler> for AuxRunner {
     }
 }
 
-/// One incoming aux message (what the cell handler sends; NVFlare's `dispatch`, spec §1.6, §2.3).
+/// One incoming aux message (what the cell handler sends; NVFlare's `dispatch`).
 ///
 /// Replies with the Shareable to send back: the handler's reply, or an error reply whose return
 /// code says which check failed. Never fails; the handler runs outside the mailbox. Checks, in
 /// order:
 ///
 /// 1. the payload is not a Shareable → `BAD_REQUEST_DATA`;
-/// 2. peer props present but not a map → `BAD_PEER_CONTEXT` (NVFlare crashes instead, §6 #22);
+/// 2. peer props present but not a map → `BAD_PEER_CONTEXT` (NVFlare crashes instead);
 /// 3. no handler for the topic → `TOPIC_UNKNOWN`;
 /// 4. peer props missing or empty → `MISSING_PEER_CONTEXT`;
-/// 5. only with [`AuxConfig::check_run_mismatch`] (§6 #40): the peer's `__run_num__` absent or
+/// 5. only with [`AuxConfig::check_run_mismatch`]: the peer's `__run_num__` absent or
 ///    another job's → `RUN_MISMATCH`;
 /// 6. the handler fails, panics, or its actor is gone → `HANDLER_EXCEPTION` (the runner keeps
 ///    serving);
@@ -458,12 +458,12 @@ impl Handler<DispatchAuxRequest> for AuxRunner {
 /// reply. Empty for fire-and-forget.
 pub type AuxReplies = HashMap<String, Shareable>;
 
-/// Sends one request to one or more targets (spec §1.14, §2.4).
+/// Sends one request to one or more targets.
 ///
 /// The request gets `__topic__` and `__peer_props__` (the public props of `ctx`, or of a new
 /// context of the run); its message-root and pass-through headers are copied to the cell
 /// message. A zero `timeout` is fire-and-forget (`secure` kept) and replies an empty map; any
-/// other waits for every reply (or the run's abort) and converts them (spec §2.6).
+/// other waits for every reply (or the run's abort) and converts them.
 ///
 /// Errors, before anything is sent: [`EngineError::EmptyTopic`], [`EngineError::UnknownTarget`],
 /// [`EngineError::JobClientsNotLoaded`] (`@ALL`), [`EngineError::InvalidProcessType`],
@@ -560,9 +560,8 @@ impl Handler<SendAuxRequest> for AuxRunner {
     }
 }
 
-/// Sends a different request to each target (spec §1.16, §2.5), with or without waiting for the
-/// replies (unlike NVFlare, a non-zero timeout works, and message-root headers are copied, §6
-/// #6).
+/// Sends a different request to each target, with or without waiting for the
+/// replies (unlike NVFlare, a non-zero timeout works, and message-root headers are copied).
 ///
 /// Names follow the single-name rule (no `@ALL`, no empty-means-server); the first unknown name
 /// fails with [`EngineError::UnknownTarget`] before anything is sent. An empty list replies an
@@ -655,8 +654,8 @@ impl Handler<MulticastAuxRequests> for AuxRunner {
     }
 }
 
-/// Sends one request to the server's job process without waiting for a reply (spec §1.19; returns
-/// nothing, §6 #25; `secure` kept, §6 #16).
+/// Sends one request to the server's job process without waiting for a reply (returns
+/// nothing, as NVFlare does; `secure` kept).
 ///
 /// Errors: [`EngineError::EmptyTopic`], [`EngineError::InvalidProcessType`],
 /// [`EngineError::CellUnavailable`].
@@ -732,9 +731,9 @@ impl Handler<FireAndForgetAuxRequest> for AuxRunner {
     }
 }
 
-/// Loads the job clients from the job meta (spec §1.17): the given meta, or the `__job_meta__`
+/// Loads the job clients from the job meta: the given meta, or the `__job_meta__`
 /// prop of a new context of the run. The clients and their hierarchy are built and checked
-/// first; only then does the directory change, all at once (spec §6 #21), and the hierarchy
+/// first; only then does the directory change, all at once, and the hierarchy
 /// becomes the private sticker `__client_hierarchy__`. On error the previous directory stays.
 ///
 /// Replies the clients, in job-meta order.
@@ -794,7 +793,7 @@ impl Handler<GetJobClients> for AuxRunner {
     }
 }
 
-/// Splits target names into valid and invalid ones, in order, duplicates kept (spec §1.8), with
+/// Splits target names into valid and invalid ones, in order, duplicates kept, with
 /// the same rule as sending (see [`AuxTargets`]): `server` / `server_parent` in any case and exact
 /// job-client names are valid; `@ALL`, `""` and anything else are not.
 ///

@@ -1,9 +1,9 @@
 //! Outgoing aux requests: preparing the Shareable and the cell message, and turning cell replies
-//! into Shareables (spec §2.2, §2.4-§2.6).
+//! into Shareables.
 //!
 //! Unlike NVFlare, unicast and multicast share one preparation path, so the message-root and
-//! pass-through headers are copied for both (spec §6 #6), and `secure` is kept for
-//! fire-and-forget sends (§6 #16).
+//! pass-through headers are copied for both, and `secure` is kept for
+//! fire-and-forget sends.
 
 use std::time::Duration;
 
@@ -84,7 +84,7 @@ pub(crate) fn cell_message(request: Shareable) -> CellMessage {
     msg
 }
 
-/// Converts one cell reply into the Shareable the caller sees (spec §2.6):
+/// Converts one cell reply into the Shareable the caller sees:
 ///
 /// | cell code | Shareable |
 /// |---|---|

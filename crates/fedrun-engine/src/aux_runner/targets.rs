@@ -3,7 +3,7 @@
 //! NVFlare resolves target names with one rule in `send_aux_request` (reserved words
 //! case-insensitive) and another in `validate_targets` (only the exact `"server"`), keys the server
 //! parent's reply `"server"` like the server's, and fails with a type error on `@ALL` before the
-//! job clients are known (spec §1.8, §1.15, §6 #18-#20). fedrun has one rule, used everywhere:
+//! job clients are known. fedrun has one rule, used everywhere:
 //!
 //! - `"server"` and `"server_parent"` are reserved words, matched **case-insensitively**; they win
 //!   over a client with the same name;
@@ -132,7 +132,7 @@ pub(crate) fn server_target() -> AuxMsgTarget {
     AuxMsgTarget::server()
 }
 
-/// The server parent's target, keyed `"server_parent"` (spec §6 #19).
+/// The server parent's target, keyed `"server_parent"`.
 pub(crate) fn server_parent_target() -> AuxMsgTarget {
     AuxMsgTarget::new(SERVER_PARENT_KEY, site_type::SERVER, false)
 }
@@ -216,7 +216,7 @@ pub(crate) fn validate(names: Vec<String>, dir: Option<&Directory>) -> (Vec<Stri
         .partition(|name| resolve_name(name, dir).is_some())
 }
 
-/// The cell a target's message goes to (spec §2.2): a job-scoped target in a job process
+/// The cell a target's message goes to: a job-scoped target in a job process
 /// (`CJ`/`SJ`) is `<fqcn>.<job_id>`; otherwise (not job-scoped, or a parent process `CP`/`SP`)
 /// the target's FQCN as is.
 ///

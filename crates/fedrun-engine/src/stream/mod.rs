@@ -1,5 +1,4 @@
-//! Object streaming: the `StreamProcessor` actor (NVFlare's `ObjectStreamer`, engine spec §1.20-
-//! §1.22 and §3).
+//! Object streaming: the `StreamProcessor` actor (NVFlare's `ObjectStreamer`).
 //!
 //! Some objects are too large to send as one aux message (a model file, a log). A stream sends
 //! such an object as a sequence of aux requests on the topic `ObjectStreamer.Request`, one piece
@@ -11,13 +10,13 @@
 //! One [`StreamProcessor`] actor per engine plays both roles:
 //!
 //! - sender: [`StreamObjects`] streams one object with an [`ObjectProducer`] and replies with a
-//!   [`StreamOutcome`] (spec §3.2);
+//!   [`StreamOutcome`];
 //! - receiver: [`RegisterStreamProcessing`] registers a [`ConsumerFactory`] (and the optional
 //!   `stream_done_cb` / `consumed_cb`) for a (channel, topic) pair; incoming streams are served
-//!   by per-stream sessions (spec §3.3-§3.5), at most `max_concurrent_streaming_sessions` (20 by
+//!   by per-stream sessions, at most `max_concurrent_streaming_sessions` (20 by
 //!   default) at a time.
 //!
-//! What fedrun does differently from NVFlare (spec §6): no deadlock on a repeated first message
+//! What fedrun does differently from NVFlare: no deadlock on a repeated first message
 //! (#7); `consumed_cb` documented as receiving the whole `(continue, reply)` pair (#8); the end
 //! notice carries the sender's real final rc, so a normal end is finalised as `OK`, not
 //! `TASK_ABORTED` (#9); receivers are told on every sender exit, and an idle timeout ends
@@ -313,7 +312,7 @@ impl StreamProcessor {
         }
     }
 
-    /// An `ObjectStreamer.Request` (spec §3.4 with the fixes of §6 #7, #11).
+    /// An `ObjectStreamer.Request`.
     fn on_piece(
         &mut self,
         req: AuxRequest,
@@ -473,7 +472,7 @@ impl StreamProcessor {
         Ok(reply_rx)
     }
 
-    /// An `ObjectStreamer.Abort`, i.e. the sender's end notice (spec §3.5 with §6 #9): ends the
+    /// An `ObjectStreamer.Abort`, i.e. the sender's end notice: ends the
     /// stream with the notice's `__rc__` (`TASK_ABORTED` when absent), replies `OK`.
     fn on_end_notice(&mut self, req: &AuxRequest) -> Shareable {
         let Some(tx_id) = header_str(&req.request, keys::HEADER_TX_ID) else {
@@ -518,7 +517,7 @@ impl Actor for StreamProcessor {
 }
 
 /// Registers the consumer factory (and callbacks) for the streams of one (channel, topic) pair
-/// (NVFlare's `register_stream_processing`, spec §1.21, §3.3).
+/// (NVFlare's `register_stream_processing`).
 ///
 /// Either may be [`WILDCARD`] (`"*"`): an incoming stream uses the registration of (channel,
 /// topic), else (channel, `*`), else (`*`, `*`). Registering a pair again replaces the earlier
@@ -546,7 +545,7 @@ pub struct RegisterStreamProcessing {
     /// Called once per stream after the consumer was finalised; its result goes back to the
     /// sender when the consumer ended the stream.
     pub stream_done_cb: Option<StreamDoneCallback>,
-    /// Called after each successful `consume` with the whole [`ConsumeResult`] (spec §6 #8).
+    /// Called after each successful `consume` with the whole [`ConsumeResult`].
     pub consumed_cb: Option<ConsumedCallback>,
 }
 
@@ -623,7 +622,7 @@ impl Handler<RegisterStreamProcessing> for StreamProcessor {
     }
 }
 
-/// Streams one object to `targets` (NVFlare's `stream_objects`, spec §1.20, §3.2).
+/// Streams one object to `targets` (NVFlare's `stream_objects`).
 ///
 /// Replies when the stream is over: `Ok` with the final return code and the producer's result,
 /// or `Err` when the targets are unknown ([`EngineError::UnknownTarget`],
@@ -653,7 +652,7 @@ pub struct StreamObjects {
     /// The application topic.
     pub topic: String,
     /// The caller's stream context; `__channel__` and `__topic__` are added, the first piece
-    /// carries it to the receivers, and the final one is in the [`StreamOutcome`] (spec §6 #14).
+    /// carries it to the receivers, and the final one is in the [`StreamOutcome`].
     pub stream_ctx: StreamContext,
     /// Where the object goes.
     pub targets: AuxTargets,
@@ -664,7 +663,7 @@ pub struct StreamObjects {
     pub ctx: Option<FlContext>,
     /// Failures to reach a target are logged at debug level only.
     pub optional: bool,
-    /// Ask the transport for end-to-end encryption (kept for every message, spec §6 #16).
+    /// Ask the transport for end-to-end encryption (kept for every message).
     pub secure: bool,
 }
 

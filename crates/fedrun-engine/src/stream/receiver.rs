@@ -1,5 +1,5 @@
-//! The receiving side of streams (engine spec §3.3-§3.5, with the fixes of §6 #7, #9, #10, #11,
-//! #15).
+//! The receiving side of streams (NVFlare's `ObjectStreamer` receiver, with its
+//! deadlock, leak and finalisation bugs fixed).
 //!
 //! The [`StreamProcessor`](crate::stream::StreamProcessor) actor keeps the table of open streams
 //! and checks every incoming message (headers, abort, factory, sequence, session limit) without
@@ -11,14 +11,14 @@
 //!   ends once);
 //! - streams never block each other or the actor (a slow or stuck consumer only holds its own
 //!   session);
-//! - ending a stream never needs a lock the caller already holds — the deadlock of §6 #7 has no
+//! - ending a stream never needs a lock the caller already holds — NVFlare's deadlock there has no
 //!   counterpart: the actor drops its table entry and tells the session, which finalises on its
 //!   own.
 //!
 //! A session ends when its consumer says so (`keep_going == false`), when `consume`, the consumed
 //! callback or the factory fail, on the sender's end notice (with the sender's rc), on a sequence
 //! error, on abort (`TASK_ABORTED`), when the consumer calls its [`EndStream`] handle, when no
-//! piece arrived for the idle timeout (`TIMEOUT`, §6 #10), or when the processor stops.
+//! piece arrived for the idle timeout (`TIMEOUT`), or when the processor stops.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -48,7 +48,7 @@ pub(crate) struct Registration {
 }
 
 /// Registrations keyed by the (channel, topic) pair itself, so `("a:b", "c")` and `("a", "b:c")`
-/// are different keys (spec §6 #15).
+/// are different keys.
 #[derive(Default)]
 pub(crate) struct Registry {
     entries: HashMap<(String, String), Registration>,
@@ -60,7 +60,7 @@ impl Registry {
         self.entries.insert((channel, topic), reg).is_some()
     }
 
-    /// (channel, topic), then (channel, `*`), then (`*`, `*`) (spec §3.3).
+    /// (channel, topic), then (channel, `*`), then (`*`, `*`).
     pub(crate) fn lookup(&self, channel: &str, topic: &str) -> Option<&Registration> {
         let key = |c: &str, t: &str| (c.to_owned(), t.to_owned());
         self.entries

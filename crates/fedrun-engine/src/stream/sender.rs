@@ -1,19 +1,19 @@
-//! The sending side of a stream (engine spec §3.2, with the fixes of §6 #9, #10, #12, #13, #16).
+//! The sending side of a stream.
 //!
 //! One stream is one async loop: produce a piece, send it to every target as an
 //! `ObjectStreamer.Request` aux request, wait for all replies, let the producer judge them, and
 //! again. Exactly one piece is outstanding at a time, which is what bounds the sender's memory.
 //!
 //! Differences from NVFlare, all deliberate:
-//! - targets are checked before the producer is asked for anything (§6 #13);
+//! - targets are checked before the producer is asked for anything;
 //! - the end notice (topic `ObjectStreamer.Abort`, kept for wire compatibility) carries the
 //!   stream's real final return code in `__rc__` — `OK` on a normal end, `TASK_ABORTED` on abort,
-//!   the error otherwise — so that receivers finalise with it (§6 #9);
+//!   the error otherwise — so that receivers finalise with it;
 //! - the notice is sent on *every* exit once a piece went out, including producer errors and
 //!   panics and the loop being dropped ([`EndNotice`]'s `Drop`), so receivers never keep an
-//!   orphaned session because of the sender (§6 #10);
-//! - the notice keeps the caller's `secure` flag (§6 #16);
-//! - any positive timeout is accepted; a zero timeout is an error (§6 #12).
+//!   orphaned session because of the sender;
+//! - the notice keeps the caller's `secure` flag;
+//! - any positive timeout is accepted; a zero timeout is an error.
 
 use actix::Addr;
 use fedrun_cell::AbortSignal;
@@ -39,8 +39,8 @@ fn aux_gone(_: actix::MailboxError) -> EngineError {
 }
 
 /// Fails when `targets` names a target the aux runner cannot resolve, before anything is sent
-/// (spec §6 #13), with the aux runner's own error: [`EngineError::UnknownTarget`] or
-/// [`EngineError::JobClientsNotLoaded`].
+/// (NVFlare asks the producer first), with the aux runner's own error:
+/// [`EngineError::UnknownTarget`] or [`EngineError::JobClientsNotLoaded`].
 pub(crate) async fn check_targets(
     aux: &Addr<AuxRunner>,
     targets: &AuxTargets,
@@ -154,7 +154,7 @@ enum Exit {
     Failed(EngineError, ReturnCode),
 }
 
-/// Runs one stream to its end (spec §3.2). `Ok` carries the final return code and result; `Err`
+/// Runs one stream to its end. `Ok` carries the final return code and result; `Err`
 /// is a producer failure (error, panic, zero timeout) or an aux failure, after the receivers were
 /// told.
 pub(crate) async fn run(env: SenderEnv, msg: StreamObjects) -> Result<StreamOutcome, EngineError> {

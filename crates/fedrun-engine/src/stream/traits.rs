@@ -1,5 +1,5 @@
 //! The user side of object streaming: what a producer, a consumer and a consumer factory are,
-//! and the two receiver callbacks (engine spec §3.1).
+//! and the two receiver callbacks.
 //!
 //! A stream moves one large object as a sequence of Shareables. The sending site supplies an
 //! [`ObjectProducer`] that cuts the object into pieces and judges the receivers' replies; each
@@ -36,7 +36,7 @@ pub struct Produced {
     /// The request (the streamer adds its `ObjectStreamer.*` headers).
     pub request: Shareable,
     /// How long to wait for the replies of this piece; must be positive (any positive duration
-    /// is accepted, spec §6 #12). A zero timeout fails the stream.
+    /// is accepted). A zero timeout fails the stream.
     pub timeout: Duration,
 }
 
@@ -365,7 +365,7 @@ pub type StreamDoneCallback =
 /// Called after each successful `consume` (NVFlare's `consumed_cb`).
 ///
 /// It receives the **whole** [`ConsumeResult`], i.e. the `(continue, reply)` pair that `consume`
-/// returned, not only the reply: this is what NVFlare passes too, despite the name (spec §6 #8).
+/// returned, not only the reply: this is what NVFlare passes too, despite the name.
 /// An error (or panic) ends the stream with `EXECUTION_EXCEPTION`, like a failing `consume`.
 pub type ConsumedCallback =
     Arc<dyn Fn(&ConsumeResult, &StreamContext, &FlContext) -> Result<(), String> + Send + Sync>;

@@ -1,8 +1,8 @@
 //! The `TaskFetcher` actor: pulling tasks from the job's server and pushing their results.
 //!
-//! NVFlare's engine delegates `get_task_assignment` and `send_task_result` (engine spec §1.3,
-//! §1.4) to the client's `Communicator`, which talks to the server job on channel
-//! `server_command` (topics `get_task` and `submit_update`, spec §4.1, §4.2). That communicator
+//! NVFlare's engine delegates `get_task_assignment` and `send_task_result` to
+//! the client's `Communicator`, which talks to the server job on channel
+//! `server_command` (topics `get_task` and `submit_update`). That communicator
 //! keeps a little state between calls — the id of the last task received, a communication timeout
 //! that the server may raise, the pending task — so in fedrun it is an actor that owns it.
 //!
@@ -10,11 +10,11 @@
 //!
 //! - **A pull succeeds only** when the cell reply is `ok` *and* its payload is a Shareable *and*
 //!   that Shareable carries a peer context. Anything else is a failed pull (`Ok(None)`), never a
-//!   crash (spec §6 #28). The special task names `__try_again__` and `__end_run__` come back as
+//!   crash. The special task names `__try_again__` and `__end_run__` come back as
 //!   ordinary assignments; the runner interprets them.
 //! - **Pull timeout** = `max(argument, communication timeout)`, or the communication timeout
 //!   without an argument; **push timeout** = the argument, or the communication timeout without
-//!   one (NVFlare's disagreement, kept for compatibility: spec §6 #34).
+//!   one (NVFlare's disagreement, kept for compatibility).
 //! - A reply header `min_get_task_timeout` (seconds, a number or a numeric string) raises the
 //!   communication timeout and never lowers it.
 //! - A real task's `__task_id__` becomes `last_task_id`, sent with the next pull.
@@ -506,7 +506,7 @@ pub struct TaskPull {
     pub ctx: FlContext,
 }
 
-/// NVFlare's `get_task_assignment(fl_ctx, timeout)` (spec §1.3, §4.1): pulls one task.
+/// NVFlare's `get_task_assignment(fl_ctx, timeout)`: pulls one task.
 ///
 /// Replies a [`TaskPull`]: `task: Some(..)` on a successful pull — a real task, or the special
 /// names `__try_again__` / `__end_run__` — and `task: None` on a failed pull (any cell code but

@@ -1,4 +1,4 @@
-//! Pushing a task result: NVFlare's `send_task_result` (spec §1.4, §4.2).
+//! Pushing a task result: NVFlare's `send_task_result`.
 //!
 //! Split from the pull side because the push has rules of its own: NVFlare's session check
 //! (`__ssid__` of the result's context against the job's session id, refused without sending),
@@ -13,7 +13,7 @@ use fedrun_core::{CellReturnCode, FlContext, Shareable};
 use super::{context_or_new, set_current_task, TaskFetcher};
 use crate::error::EngineError;
 
-/// NVFlare's `send_task_result(result, fl_ctx, timeout)` (spec §1.4, §4.2): pushes a result.
+/// NVFlare's `send_task_result(result, fl_ctx, timeout)`: pushes a result.
 ///
 /// The result gets the header `__task_name__` (`task_name`, else its own header, else the
 /// context's `__task_name__` prop) and the context's public props as `__peer_ctx__`; it is sent

@@ -13,7 +13,7 @@
 //!   and this widget also records the `_critical/_error/_warning/_exception_log_available` events
 //!   NVFlare's components fire (group = the event's origin, else `general`; key = `critical`,
 //!   `error`, `warning` or `exception`; the event data is the message). NVFlare keeps only the
-//!   latest error per group and key and never clears them through the engine (spec §6 #1, #36);
+//!   latest error per group and key and never clears them through the engine;
 //!   fedrun keeps a bounded list and [`InfoCollector::reset_errors`] really clears it. NVFlare also
 //!   clears everything on `_start_run`; fedrun keeps errors reported before the run started.
 //!
@@ -145,7 +145,7 @@ impl InfoCollector {
             .map_err(|_| EngineError::ActorGone { actor: "RunInfo" })
     }
 
-    /// NVFlare's `reset_errors()`, working (spec §6 #1): clears the run's error log.
+    /// NVFlare's `reset_errors()`, working: clears the run's error log.
     ///
     /// # Errors
     /// [`EngineError::ActorGone`] when the engine is stopped.
