@@ -655,7 +655,7 @@ impl Handler<MulticastAuxRequests> for AuxRunner {
 }
 
 /// Sends one request to the server's job process without waiting for a reply (returns
-/// nothing, as NVFlare does; `secure` kept).
+/// nothing, where NVFlare returns an empty map; `secure` is kept, where NVFlare drops it).
 ///
 /// Errors: [`EngineError::EmptyTopic`], [`EngineError::InvalidProcessType`],
 /// [`EngineError::CellUnavailable`].
