@@ -57,7 +57,6 @@ use fedrun_core::{CellReturnCode, Map, Value};
 use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -79,6 +78,8 @@ use crate::stream_rx::{
     error_pair, is_stream_reply_id, Limits, PendingReply, StreamAction, StreamReceiver,
 };
 use crate::stream_tx::{ChunkParams, MessageChunks, StreamSendConfig, StreamSender, Transmission};
+use crate::tls::{TlsConnector, TlsListener};
+use crate::tls_conn::{auth_failure, Conn, ConnRead, ConnWrite, TlsSide};
 
 /// The channel of CellNet's own control messages.
 pub const CELLNET_CHANNEL: &str = "cellnet.channel";
@@ -204,8 +205,8 @@ impl TcpUrl {
     ///
     /// # Errors
     ///
-    /// [`WireError::InvalidUrl`] for another scheme (TLS `stcp` is not supported), a missing
-    /// host or a port that is not a number.
+    /// [`WireError::InvalidUrl`] for another scheme (`stcp` needs TLS credentials: see
+    /// [`TcpTransport::add_tls_listener`]), a missing host or a port that is not a number.
     pub fn parse(url: &str) -> Result<TcpUrl, WireError> {
         let bad = |reason| WireError::InvalidUrl {
             url: url.to_owned(),
@@ -213,7 +214,7 @@ impl TcpUrl {
         };
         let Some(rest) = url.strip_prefix("tcp://") else {
             return Err(if url.starts_with("stcp://") {
-                bad("TLS (stcp) is not supported")
+                bad("stcp (TLS) needs credentials: use add_tls_listener/add_tls_connector")
             } else {
                 bad("the scheme must be tcp://")
             });
@@ -243,8 +244,8 @@ impl fmt::Display for TcpUrl {
     }
 }
 
-type Reader = FramedRead<OwnedReadHalf, SfmCodec>;
-type Writer = FramedWrite<OwnedWriteHalf, SfmCodec>;
+type Reader = FramedRead<ConnRead, SfmCodec>;
+type Writer = FramedWrite<ConnWrite, SfmCodec>;
 
 /// A frame for a connection's writer, and who wants to know it was written.
 pub(crate) struct Outbound {
@@ -399,11 +400,35 @@ impl TcpTransport {
     /// [`WireError::ShutDown`].
     pub async fn add_listener(&self, url: &str) -> Result<SocketAddr, WireError> {
         let url = TcpUrl::parse(url)?;
+        self.listen_on(url, None).await
+    }
+
+    /// Starts listening on `url` (`tcp://` or `stcp://`: TLS either way, as NVFlare's
+    /// `secure_train` does) with `tls`, and returns the bound address. Each connection must
+    /// complete the TLS handshake and then the HELLO/READY exchange within
+    /// [`WireConfig::handshake_timeout`]; in mTLS a peer whose HELLO names an endpoint its
+    /// certificate does not belong to is closed before READY, with a log line.
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpTransport::add_listener`].
+    pub async fn add_tls_listener(
+        &self,
+        url: &str,
+        tls: TlsListener,
+    ) -> Result<SocketAddr, WireError> {
+        let url = crate::tls_conn::parse_any_url(url)?;
+        self.listen_on(url, Some(TlsSide::Server(Arc::new(tls))))
+            .await
+    }
+
+    async fn listen_on(&self, url: TcpUrl, tls: Option<TlsSide>) -> Result<SocketAddr, WireError> {
         self.check_running()?;
         let listener = TcpListener::bind((url.host.as_str(), url.port)).await?;
         let addr = listener.local_addr()?;
-        log::info!("endpoint {}: listening on {addr}", self.inner.own);
-        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener));
+        let kind = if tls.is_some() { "TLS" } else { "TCP" };
+        log::info!("endpoint {}: listening on {addr} ({kind})", self.inner.own);
+        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener, tls));
         Ok(addr)
     }
 
@@ -417,7 +442,29 @@ impl TcpTransport {
     pub fn add_connector(&self, url: &str) -> Result<(), WireError> {
         let url = TcpUrl::parse(url)?;
         self.check_running()?;
-        tokio::spawn(connect_loop(Arc::clone(&self.inner), url));
+        tokio::spawn(connect_loop(Arc::clone(&self.inner), url, None));
+        Ok(())
+    }
+
+    /// As [`TcpTransport::add_connector`], over TLS with `tls` (`tcp://` or `stcp://`: TLS
+    /// either way). In mTLS the server's certificate CN must be the connector's server
+    /// identity. A refused certificate is logged as an authentication failure and retried
+    /// at the longest back-off only.
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpTransport::add_connector`], and [`WireError::IdentityMismatch`] when, in mTLS,
+    /// this endpoint's name does not belong to the certificate it would present (the server
+    /// would refuse it).
+    pub fn add_tls_connector(&self, url: &str, tls: TlsConnector) -> Result<(), WireError> {
+        let url = crate::tls_conn::parse_any_url(url)?;
+        tls.check_own_name(&self.inner.own)?;
+        self.check_running()?;
+        let side = TlsSide::Client {
+            connector: Arc::new(tls),
+            host: url.host.clone(),
+        };
+        tokio::spawn(connect_loop(Arc::clone(&self.inner), url, Some(side)));
         Ok(())
     }
 
@@ -1625,10 +1672,16 @@ async fn write_loop(
 async fn handshake(
     inner: &Inner,
     stream: TcpStream,
+    tls: Option<&TlsSide>,
     active: bool,
 ) -> Result<(Fqcn, Reader, Writer), WireError> {
-    stream.set_nodelay(true)?;
-    let (r, w) = stream.into_split();
+    // the TLS handshake and HELLO/READY share one deadline
+    let deadline = tokio::time::Instant::now() + inner.config.handshake_timeout;
+    let conn = tokio::time::timeout_at(deadline, Conn::establish(stream, tls))
+        .await
+        .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
+    let identity = conn.peer_identity();
+    let (r, w) = conn.into_split();
     // Until the peer has said who it is, it may send no more than a HELLO/READY needs: a peer
     // that announces a bigger frame is refused at its prefix, before anything is buffered.
     let mut reader = FramedRead::new(
@@ -1662,6 +1715,8 @@ async fn handshake(
         if peer == inner.own {
             return Err(WireError::SelfConnection(peer.to_string()));
         }
+        // mTLS: the name must belong to the certificate (checked before READY is sent)
+        identity.check(tls, &peer)?;
         if !active {
             let mut ready = Frame::ready(&me)?;
             ready.sequence = 1;
@@ -1669,7 +1724,7 @@ async fn handshake(
         }
         Ok(peer)
     };
-    let peer = tokio::time::timeout(inner.config.handshake_timeout, exchange)
+    let peer = tokio::time::timeout_at(deadline, exchange)
         .await
         .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
     reader
@@ -1678,7 +1733,7 @@ async fn handshake(
     Ok((peer, reader, writer))
 }
 
-async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, tls: Option<TlsSide>) {
     loop {
         let accepted = tokio::select! {
             () = inner.shutdown.cancelled() => break,
@@ -1687,8 +1742,9 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         match accepted {
             Ok((stream, addr)) => {
                 let inner = Arc::clone(&inner);
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    match handshake(&inner, stream, false).await {
+                    match handshake(&inner, stream, tls.as_ref(), false).await {
                         Ok((peer, reader, writer)) => {
                             inner.run_connection(peer, reader, writer, true).await;
                         }
@@ -1711,7 +1767,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     log::debug!("endpoint {}: listener closed", inner.own);
 }
 
-async fn connect_loop(inner: Arc<Inner>, url: TcpUrl) {
+async fn connect_loop(inner: Arc<Inner>, url: TcpUrl, tls: Option<TlsSide>) {
     let initial = inner.config.reconnect_initial;
     let mut delay = initial;
     loop {
@@ -1725,7 +1781,7 @@ async fn connect_loop(inner: Arc<Inner>, url: TcpUrl) {
             )
             .await
             .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
-            handshake(&inner, stream, true).await
+            handshake(&inner, stream, tls.as_ref(), true).await
         };
         let outcome = tokio::select! {
             () = inner.shutdown.cancelled() => break,
@@ -1738,10 +1794,21 @@ async fn connect_loop(inner: Arc<Inner>, url: TcpUrl) {
                     .run_connection(peer, reader, writer, false)
                     .await;
             }
-            Err(e) => log::warn!(
-                "endpoint {}: cannot connect to {url}: {e}; retrying in {delay:?}",
-                inner.own
-            ),
+            Err(e) => match auth_failure(&e) {
+                // retrying fast would not help: the credentials must change
+                Some(why) => {
+                    delay = inner.config.reconnect_max;
+                    log::error!(
+                        "endpoint {}: authentication with {url} failed: {why}; retrying in \
+                         {delay:?}",
+                        inner.own
+                    );
+                }
+                None => log::warn!(
+                    "endpoint {}: cannot connect to {url}: {e}; retrying in {delay:?}",
+                    inner.own
+                ),
+            },
         }
         tokio::select! {
             () = inner.shutdown.cancelled() => break,
