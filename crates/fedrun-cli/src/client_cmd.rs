@@ -21,7 +21,8 @@ use fedrun_wire::TcpTransport;
 use crate::error::CliError;
 use crate::job::JobDefinition;
 use crate::simulate::{start_client, SimulationSetup};
-use crate::transport::{connect_client, JobTransport};
+use crate::tls_opts::TlsOptions;
+use crate::transport::{connect_client_with, JobTransport};
 
 /// The default deadline of a whole client run (`--timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -40,8 +41,10 @@ pub const DEFAULT_SERVER_LOST_GRACE: Duration = Duration::from_secs(30);
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClientOptions {
-    /// The server: `tcp://host:port` or `host:port`.
+    /// The server: `tcp://host:port`, `stcp://host:port` (TLS) or `host:port`.
     pub server: String,
+    /// TLS credentials and mode (default: none, clear TCP).
+    pub tls: TlsOptions,
     /// This client's site name.
     pub name: String,
     /// The job id the server runs.
@@ -63,6 +66,7 @@ impl ClientOptions {
     pub fn new(server: &str, name: &str, job_id: &str) -> Self {
         Self {
             server: server.to_owned(),
+            tls: TlsOptions::default(),
             name: name.to_owned(),
             job_id: job_id.to_owned(),
             job: None,
@@ -118,7 +122,8 @@ pub async fn run_client(options: ClientOptions) -> Result<RunOutcome, CliError> 
             reason: e.to_string(),
         })?;
 
-    let transport = connect_client(&options.server, name, job_id, options.timeout).await?;
+    let transport =
+        connect_client_with(&options.server, name, job_id, options.timeout, &options.tls).await?;
     // `start_client` reads the job id, the extra factories (none) and the runner's timing; a
     // client process has no workspace of its own.
     let mut setup = SimulationSetup::new(job, 0, PathBuf::new());

@@ -78,8 +78,8 @@ struct SimulateArgs {
 
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
-    /// Address to listen on, HOST:PORT (port 0: any free port; the first stdout line says
-    /// which).
+    /// Address to listen on, HOST:PORT or stcp://HOST:PORT (TLS) (port 0: any free port; the
+    /// first stdout line says which).
     #[arg(short = 'l', long)]
     listen: String,
     /// The client sites, comma-separated (e.g. site-1,site-2); also the workflow's
@@ -104,13 +104,17 @@ struct ServerArgs {
     /// How long clients wait before asking for a task again, in milliseconds.
     #[arg(long, default_value_t = 100)]
     poll_interval_ms: u64,
+    #[command(flatten)]
+    tls: fedrun_cli::tls_opts::TlsOptions,
 }
 
 #[derive(Debug, clap::Args)]
 struct ClientArgs {
-    /// The server, tcp://HOST:PORT.
+    /// The server, tcp://HOST:PORT (stcp://HOST:PORT: TLS).
     #[arg(long)]
     server: String,
+    #[command(flatten)]
+    tls: fedrun_cli::tls_opts::TlsOptions,
     /// This client's site name (one of the server's --clients).
     #[arg(short = 'n', long)]
     name: String,
@@ -319,6 +323,7 @@ fn run_simulate(args: SimulateArgs) -> ExitCode {
 fn run_server(args: ServerArgs) -> ExitCode {
     let options = ServerOptions {
         listen: args.listen,
+        tls: args.tls,
         clients: args.clients,
         rounds: args.rounds,
         job: args.job,
@@ -354,6 +359,7 @@ fn run_client_cmd(args: ClientArgs) -> ExitCode {
         job: args.job,
         seed: args.seed,
         timeout: Duration::from_secs(args.timeout),
+        tls: args.tls,
         ..ClientOptions::new(&args.server, &args.name, &args.job_id)
     };
     match actix::System::new().block_on(run_client(options)) {

@@ -11,6 +11,9 @@
 //! writes `metrics.json`, `model.json` and the model's `.npy` files into the workspace, as
 //! `fedrun simulate` does.
 //!
+//! With [`ServerOptions::tls`] (a startup kit or CA/certificate/key files) the endpoint
+//! listens with TLS or mTLS as NVFlare's server does, and [`ServerRun::url`] says `stcp://`.
+//!
 //! Nothing waits forever: past [`ServerOptions::timeout`] the run is aborted and the command
 //! fails with [`CliError::Timeout`].
 
@@ -31,7 +34,8 @@ use crate::simulate::{
     prepare_workspace, record_of, status_of, RunObserver, RunStatus, SimulateOptions,
     SimulationReport, SimulationSetup, MAX_CLIENTS,
 };
-use crate::transport::listen_server;
+use crate::tls_opts::TlsOptions;
+use crate::transport::listen_server_with;
 
 /// The default deadline of a whole run (`--timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -55,8 +59,11 @@ const ABORT_GRACE: Duration = Duration::from_secs(10);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerOptions {
-    /// Where to listen: `host:port` or `tcp://host:port` (port 0: any free port).
+    /// Where to listen: `host:port`, `tcp://host:port` or `stcp://host:port` (port 0: any
+    /// free port).
     pub listen: String,
+    /// TLS credentials and mode (default: none, clear TCP).
+    pub tls: TlsOptions,
     /// The client sites of the job; also the workflow's `min_clients`.
     pub clients: Vec<String>,
     /// Number of rounds (`None`: the job's `num_rounds`, else the simulator's default).
@@ -80,6 +87,7 @@ impl ServerOptions {
     pub fn new(listen: &str, clients: &[&str]) -> Self {
         Self {
             listen: listen.to_owned(),
+            tls: TlsOptions::default(),
             clients: clients.iter().map(|c| (*c).to_owned()).collect(),
             rounds: None,
             job: None,
@@ -128,6 +136,8 @@ pub struct ServerRun {
     setup: SimulationSetup,
     transport: TcpTransport,
     addr: SocketAddr,
+    /// `stcp` when listening with TLS, else `tcp`.
+    scheme: &'static str,
     server: ServerJob,
     workflows: Vec<Box<dyn Workflow>>,
     events: mpsc::UnboundedReceiver<WorkflowEvent>,
@@ -193,7 +203,12 @@ impl ServerRun {
             .num_rounds()
             .unwrap_or(crate::simulate::DEFAULT_ROUNDS);
 
-        let (transport, addr) = listen_server(&options.listen).await?;
+        let (transport, addr) = listen_server_with(&options.listen, &options.tls).await?;
+        let tls = options.listen.starts_with("stcp://")
+            || options.tls.tls_kit.is_some()
+            || options.tls.ca.is_some();
+        let clear = options.tls.connection_security.as_deref() == Some("clear");
+        let scheme = if tls && !clear { "stcp" } else { "tcp" };
         let sites: Vec<&str> = setup.sites.iter().map(String::as_str).collect();
         let (events_tx, events) = mpsc::unbounded_channel();
         let started = ServerJob::builder(&setup.job_id)
@@ -210,7 +225,7 @@ impl ServerRun {
             }
         };
         log::info!(
-            "[job={} site=server] job {} listening on tcp://{addr} for {:?}",
+            "[job={} site=server] job {} listening on {scheme}://{addr} for {:?}",
             setup.job_id,
             setup.job.name,
             setup.sites
@@ -219,6 +234,7 @@ impl ServerRun {
             setup,
             transport,
             addr,
+            scheme,
             server,
             workflows: built.workflows,
             events,
@@ -234,9 +250,9 @@ impl ServerRun {
         self.addr
     }
 
-    /// `tcp://<local_addr>`, what `fedrun client --server` takes.
+    /// `tcp://<local_addr>` (`stcp://` with TLS), what `fedrun client --server` takes.
     pub fn url(&self) -> String {
-        format!("tcp://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The job id (clients need it: their cells are `<site>.<job id>`).
@@ -268,6 +284,7 @@ impl ServerRun {
             setup,
             transport,
             addr,
+            scheme: _,
             server,
             mut workflows,
             mut events,

@@ -78,24 +78,6 @@ impl ConnectionSecurity {
             )),
         }
     }
-
-    /// NVFlare's decision whether a backbone connection uses TLS: the URL scheme is a secure
-    /// one (`stcp`), or `secure_train` is on and the connection security is not `clear`.
-    /// The scheme alone does not tell: a provisioned kit says `tcp` and still means TLS.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use fedrun_wire::tls::ConnectionSecurity::{Clear, Mtls};
-    ///
-    /// assert!(Mtls.uses_tls("tcp", true));
-    /// assert!(!Mtls.uses_tls("tcp", false));
-    /// assert!(!Clear.uses_tls("tcp", true));
-    /// assert!(Clear.uses_tls("stcp", false));
-    /// ```
-    pub fn uses_tls(self, scheme: &str, secure_train: bool) -> bool {
-        matches!(scheme, "stcp" | "satcp") || (secure_train && self != ConnectionSecurity::Clear)
-    }
 }
 
 impl fmt::Display for ConnectionSecurity {
