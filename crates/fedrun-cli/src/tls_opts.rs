@@ -160,4 +160,60 @@ mod tests {
         let err = kit.connector(false).unwrap_err().to_string();
         assert!(err.contains("rootCA.pem"), "{err}");
     }
+
+    /// Writes a CA and kits `server1` (server pair) and `site-1` (client pair) under `dir`.
+    fn kits(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut ca = CertificateParams::new(vec!["p".to_owned()]).unwrap();
+        ca.distinguished_name.push(DnType::CommonName, "p");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let write = |name: &str, role: &str| {
+            let folder = dir.join(name);
+            std::fs::create_dir_all(&folder).unwrap();
+            let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            std::fs::write(folder.join("rootCA.pem"), ca_cert.pem()).unwrap();
+            std::fs::write(folder.join(format!("{role}.crt")), cert.pem()).unwrap();
+            std::fs::write(folder.join(format!("{role}.key")), key.serialize_pem()).unwrap();
+            folder
+        };
+        (write("server1", "server"), write("site-1", "client"))
+    }
+
+    #[actix::test]
+    async fn server_and_client_kits_connect_over_mtls_and_a_site_cannot_use_another_sites_kit() {
+        use crate::transport::{connect_client_with, listen_server_with};
+        let dir = std::env::temp_dir().join(format!("fedrun-cli-tls-{}", std::process::id()));
+        let (server_kit, site_kit) = kits(&dir);
+        let server = TlsOptions {
+            tls_kit: Some(server_kit),
+            ..TlsOptions::default()
+        };
+        let (net, addr) = listen_server_with("127.0.0.1:0", &server).await.unwrap();
+        let client = TlsOptions {
+            tls_kit: Some(site_kit),
+            server_identity: Some("server1".into()),
+            ..TlsOptions::default()
+        };
+        let timeout = std::time::Duration::from_secs(10);
+        let url = format!("stcp://{addr}");
+        let job = connect_client_with(&url, "site-1", "j1", timeout, &client)
+            .await
+            .unwrap();
+        assert!(net.is_connected(&fedrun_cell::Fqcn::new("site-1.j1").unwrap()));
+        // site-1's certificate cannot register site-2's job: refused before dialing
+        let err = connect_client_with(&url, "site-2", "j1", timeout, &client)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be site-2"), "{err}");
+        job.shutdown().await;
+        net.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
