@@ -127,7 +127,7 @@ impl TlsOptions {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
@@ -162,7 +162,7 @@ mod tests {
     }
 
     /// Writes a CA and kits `server1` (server pair) and `site-1` (client pair) under `dir`.
-    fn kits(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    pub(crate) fn kits(dir: &std::path::Path) -> (PathBuf, PathBuf) {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let mut ca = CertificateParams::new(vec!["p".to_owned()]).unwrap();
         ca.distinguished_name.push(DnType::CommonName, "p");

@@ -366,4 +366,30 @@ mod tests {
         assert!(check_parent("tcp://localhost:1", "mtls").is_err());
         assert!(check_parent("grpc://localhost:1", "clear").is_err());
     }
+
+    #[test]
+    fn tls_credentials_come_from_the_files_fed_client_json_names() {
+        let dir = std::env::temp_dir().join(format!("fedrun-startup-tls-{}", std::process::id()));
+        let (_, site) = crate::tls_opts::tests::kits(&dir);
+        let startup = kit(Some("mtls"));
+        let creds = startup.tls_credentials(&site).unwrap();
+        let pair = creds.client.expect("client.crt and client.key");
+        assert_eq!(pair.common_name().as_deref(), Some("site-1"));
+        assert_eq!(creds.root_ca.len(), 1);
+        assert!(creds.custom_root_ca.is_none());
+        // a kit naming its own files: a missing certificate means no client pair (TLS mode)
+        let mut named = startup.clone();
+        named
+            .client
+            .insert("ssl_cert".into(), json!("elsewhere.crt"));
+        assert!(named.tls_credentials(&site).unwrap().client.is_none());
+        named
+            .client
+            .insert("ssl_root_cert".into(), json!("missing.pem"));
+        assert!(matches!(
+            named.tls_credentials(&site),
+            Err(StartupError::Tls(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
