@@ -14,6 +14,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rustls::AlertDescription;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
@@ -214,6 +215,18 @@ impl AsyncWrite for ConnWrite {
             ConnWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
+}
+
+/// A server that closes an mTLS connection this soon after READY is taken to have refused the
+/// name this endpoint registered: NVFlare answers HELLO with READY before it checks the name
+/// against the certificate, then closes the connection.
+const REFUSED_AFTER_READY: Duration = Duration::from_secs(2);
+
+/// Whether a connection of `tls` that lasted `lasted` after READY looks like NVFlare's refusal
+/// of the registered name (a connector in mTLS only).
+pub(crate) fn refused_after_ready(tls: Option<&TlsSide>, lasted: Duration) -> bool {
+    matches!(tls, Some(side @ TlsSide::Client { .. }) if side.binds_identity())
+        && lasted < REFUSED_AFTER_READY
 }
 
 /// Why `e` is an authentication failure (a certificate refused by either side, or a peer

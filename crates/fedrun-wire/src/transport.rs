@@ -42,6 +42,11 @@
 //! a payload that does not decode, a bad handshake) closes *that* connection, with a log line
 //! naming the peer; the process and the other connections go on. Nothing read from a socket is
 //! unwrapped.
+//!
+//! TLS and mTLS (NVFlare's `stcp://` and `secure_train`) wrap the same byte stream:
+//! [`TcpTransport::add_tls_listener`] and [`TcpTransport::add_tls_connector`] run the TLS
+//! handshake inside the handshake deadline, then HELLO/READY as above, and in mTLS bind the
+//! registered name to the peer's certificate (see [`crate::tls`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -1790,9 +1795,21 @@ async fn connect_loop(inner: Arc<Inner>, url: TcpUrl, tls: Option<TlsSide>) {
         match outcome {
             Ok((peer, reader, writer)) => {
                 delay = initial;
+                let connected = tokio::time::Instant::now();
                 Arc::clone(&inner)
-                    .run_connection(peer, reader, writer, false)
+                    .run_connection(peer.clone(), reader, writer, false)
                     .await;
+                if crate::tls_conn::refused_after_ready(tls.as_ref(), connected.elapsed())
+                    && !inner.shutdown.is_cancelled()
+                {
+                    delay = inner.config.reconnect_max;
+                    log::error!(
+                        "endpoint {}: authentication with {url} failed: {peer} closed the mTLS \
+                         connection right after READY, as NVFlare does when the registered name \
+                         does not belong to the certificate; retrying in {delay:?}",
+                        inner.own
+                    );
+                }
             }
             Err(e) => match auth_failure(&e) {
                 // retrying fast would not help: the credentials must change

@@ -413,6 +413,42 @@ async fn connector_refuses_a_server_whose_cn_is_not_the_expected_identity() {
 }
 
 #[actix::test]
+async fn connector_reports_a_close_right_after_ready_as_an_authentication_failure() {
+    let k = kits("ready-close");
+    // a server that behaves as NVFlare does with a name it refuses: READY, then close
+    let pair = k.server.server.clone().unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(pair.chain, pair.key)
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+            .accept(tcp)
+            .await
+            .unwrap();
+        let mut framed = Framed::new(tls, SfmCodec::new());
+        let hello = framed.next().await.unwrap().unwrap();
+        assert_eq!(hello.frame_type, FrameType::Hello);
+        let ready = Frame::ready(&HandshakeInfo::now(&Fqcn::SERVER)).unwrap();
+        framed.send(ready).await.unwrap();
+        // dropped: closed without close_notify, as a Python peer closes
+    });
+    let conn = TlsConnector::new(&k.site1, ConnectionSecurity::Mtls, Some("server1")).unwrap();
+    let job = client("site-1.J9", addr, conn);
+    let line = wait_for_log(&["site-1.J9", "closed the mTLS connection right after READY"]).await;
+    assert!(line.starts_with("ERROR"), "{line}");
+    timeout(DEADLINE, server).await.unwrap().unwrap();
+    job.shutdown().await;
+}
+
+#[actix::test]
 async fn credentials_that_cannot_work_fail_when_configured() {
     let k = kits("config");
     assert!(matches!(
