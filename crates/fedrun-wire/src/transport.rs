@@ -11,7 +11,8 @@
 //!   connection does not evict it: the live one is PINGed and evicted only if it does not
 //!   answer within [`WireConfig::name_probe_timeout`] (a half-open connection of a peer that
 //!   reconnects); otherwise the newcomer is closed. Accepted connections take a slot each
-//!   ([`WireConfig::max_connections`]); silent ones are recycled first (see [`crate::inbound`]).
+//!   ([`WireConfig::max_connections`]); silent ones are recycled first
+//!   ([`WireConfig::max_silent_connections`]).
 //! - **sending**: a cell message is encoded (FOBS for values, raw bytes, or nothing, by NVFlare's
 //!   rule), stamped with this hop's `cn__from`/`cn__to`, and queued to the connection picked by
 //!   NVFlare's leaf route rule (a peer named as the destination, else the longest prefix of the
