@@ -29,6 +29,7 @@ use fedrun_cell::{header, CellMessage, Fqcn, Headers, MsgType, Payload, PayloadE
 use fedrun_core::{CellReturnCode, Value};
 
 use crate::frame::epoch_secs;
+use crate::limits::Bounded;
 use crate::message::{decode_payload_with_refs, encode_payload_body_with, ref_datums};
 use crate::stream::{
     key, Chunk, DataType, StreamMessage, RETURN_ONLY_CHANNEL, STREAM_CHANNEL, TOPIC_ACK,
@@ -252,8 +253,8 @@ impl StreamReceiver {
                 log::warn!(
                     "endpoint {own}: {peer} reports an error on stream {}: {} ({})",
                     e.stream_id,
-                    e.message.as_deref().unwrap_or(""),
-                    e.error_type.as_deref().unwrap_or("")
+                    Bounded(e.message.as_deref().unwrap_or("")),
+                    Bounded(e.error_type.as_deref().unwrap_or(""))
                 );
                 if let Some(origin) = msg.headers.origin() {
                     self.lock().open.remove(&(origin.to_owned(), e.stream_id));
@@ -531,9 +532,10 @@ impl StreamReceiver {
             let idle = st.peer == peer && now.duration_since(st.last_seen) >= timeout;
             if idle {
                 log::warn!(
-                    "endpoint {own}: stream {id} from {origin:?} via {peer} on {} dropped: \
+                    "endpoint {own}: stream {id} from {} via {peer} on {} dropped: \
                      nothing received for {timeout:?} ({} of {} bytes)",
-                    st.what,
+                    Bounded(origin),
+                    Bounded(&st.what),
                     st.received,
                     st.size
                 );
@@ -574,7 +576,11 @@ impl StreamReceiver {
         }
         if channel == RETURN_ONLY_CHANNEL {
             let Some(request_id) = request_id else {
-                log::warn!("streamed reply {topic} from {origin} without sm__ri dropped");
+                log::warn!(
+                    "streamed reply {} from {} without sm__ri dropped",
+                    Bounded(&topic),
+                    Bounded(&origin)
+                );
                 return Ok(None);
             };
             headers.set_payload_len(blob_len);
@@ -739,9 +745,9 @@ impl StreamReceiver {
         r: Refusal,
     ) -> StreamAction {
         log::warn!(
-            "endpoint {own}: stream {} from {:?} via {peer} refused: {}",
+            "endpoint {own}: stream {} from {} via {peer} refused: {}",
             c.stream_id,
-            headers.origin(),
+            Bounded(headers.origin().unwrap_or("")),
             r.message
         );
         let sm = vec![

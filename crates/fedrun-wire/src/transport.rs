@@ -1080,8 +1080,8 @@ impl Inner {
                                     "endpoint {}: streamed {}/{} from {peer} dropped: \
                                      connection closed while waiting for the in-flight budget",
                                     self.own,
-                                    msg.headers.channel().unwrap_or(""),
-                                    msg.headers.topic().unwrap_or("")
+                                    Bounded(msg.headers.channel().unwrap_or("")),
+                                    Bounded(msg.headers.topic().unwrap_or(""))
                                 );
                                 return;
                             }
@@ -1166,12 +1166,12 @@ impl Inner {
         };
         log::log!(
             level,
-            "endpoint {}: {} from {peer} on {}/{} for {:?}: no such local cell",
+            "endpoint {}: {} from {peer} on {}/{} for {}: no such local cell",
             self.own,
             h.msg_type().map_or("message", |t| t.as_str()),
-            h.channel().unwrap_or(""),
-            h.topic().unwrap_or(""),
-            h.destination()
+            Bounded(h.channel().unwrap_or("")),
+            Bounded(h.topic().unwrap_or("")),
+            Bounded(h.destination().unwrap_or(""))
         );
         self.answer_return(peer, h, tx).await;
     }
@@ -1248,8 +1248,8 @@ impl Inner {
         log::trace!(
             "endpoint {}: relaying {}/{} from {peer} for {dest} via {next}",
             self.own,
-            h.channel().unwrap_or(""),
-            h.topic().unwrap_or("")
+            Bounded(h.channel().unwrap_or("")),
+            Bounded(h.topic().unwrap_or(""))
         );
         frame.headers = Some(h);
         let queue = if answer { &link.control } else { &link.tx };
@@ -1288,12 +1288,12 @@ impl Inner {
         };
         log::log!(
             level,
-            "endpoint {}: {} from {peer} (origin {:?}) on {}/{} for {dest} not relayed: {why}",
+            "endpoint {}: {} from {peer} (origin {}) on {}/{} for {dest} not relayed: {why}",
             self.own,
             h.msg_type().map_or("message", |t| t.as_str()),
-            h.origin(),
-            h.channel().unwrap_or(""),
-            h.topic().unwrap_or("")
+            Bounded(h.origin().unwrap_or("")),
+            Bounded(h.channel().unwrap_or("")),
+            Bounded(h.topic().unwrap_or(""))
         );
         if h.channel() == Some(STREAM_CHANNEL) {
             if let Some(error) = self.relay_stream_error(peer, &h, dest, why) {
@@ -1742,7 +1742,8 @@ impl Inner {
                 .is_some_and(|rest| rest.starts_with('.'));
         if !under_peer {
             return Some(format!(
-                "it claims origin {origin:?}, outside its own branch"
+                "it claims origin {}, outside its own branch",
+                Bounded(origin)
             ));
         }
         let hosted = origin == self.own.as_str()
