@@ -62,8 +62,9 @@ impl fmt::Debug for Bounded<'_> {
     }
 }
 
-/// Checks an endpoint name from a handshake by NVFlare's rules (`FQCN.validate`: surrounding
-/// white space ignored, only `[A-Za-z0-9_.-]`, no empty part, no part twice) and a length
+/// Checks an endpoint name from a handshake by NVFlare's rules (CellNet's `FQCN.validate`, which
+/// its connection manager applies to every handshake: surrounding white space ignored, only
+/// `[A-Za-z0-9_.~-]`, no empty part, no part twice) and a length
 /// bound of [`MAX_ENDPOINT_NAME_LEN`] bytes, then makes it a [`Fqcn`].
 ///
 /// # Errors
@@ -76,7 +77,7 @@ impl fmt::Debug for Bounded<'_> {
 /// use fedrun_wire::limits::check_endpoint_name;
 ///
 /// assert_eq!(check_endpoint_name(" site-1.job-7 ").unwrap().as_str(), "site-1.job-7");
-/// assert!(check_endpoint_name("site-1.~x").is_err(), "NVFlare refuses '~'");
+/// assert!(check_endpoint_name("site-1/x").is_err(), "NVFlare refuses '/'");
 /// assert!(check_endpoint_name("a.b.a").is_err(), "a part twice");
 /// assert!(check_endpoint_name(&"s".repeat(300)).is_err(), "too long");
 /// ```
@@ -94,9 +95,9 @@ pub fn check_endpoint_name(name: &str) -> Result<Fqcn, WireError> {
     if name.is_empty() {
         return Err(refuse("empty"));
     }
-    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '~' | '-');
     if !name.chars().all(valid) {
-        return Err(refuse("a character outside [A-Za-z0-9_.-]"));
+        return Err(refuse("a character outside [A-Za-z0-9_.~-]"));
     }
     let parts: Vec<&str> = name.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
@@ -151,6 +152,7 @@ mod tests {
             "site_2.0f3c-aa",
             "server.job1",
             "admin-x",
+            "a~b",
         ] {
             assert_eq!(check_endpoint_name(ok).unwrap().as_str(), ok);
         }

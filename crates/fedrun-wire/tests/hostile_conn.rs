@@ -257,7 +257,7 @@ async fn a_hello_with_a_10_mib_or_an_invalid_endpoint_name_is_refused() {
     for name in [
         huge.as_str(),
         long.as_str(),
-        "site~1",
+        "site/1",
         "site-1.site-1",
         "a..b",
         "",
