@@ -452,7 +452,7 @@ async fn answer_about(raw: &mut Raw, id: u64) -> bool {
 async fn a_half_received_stream_is_dropped_after_the_idle_expiry() {
     let config = WireConfig {
         max_open_streams: 1,
-        stream_idle_timeout: Duration::from_millis(300),
+        stream_idle_timeout: Duration::from_secs(1),
         ..WireConfig::default()
     };
     let mut s = server(config, None).await;
