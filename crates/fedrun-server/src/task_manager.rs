@@ -83,6 +83,8 @@ struct OpenTask {
     sent: HashSet<String>,
     answered: HashSet<String>,
     results: mpsc::UnboundedSender<TaskResult>,
+    /// Told the client's name each time the task is handed to it.
+    handed_out: Option<mpsc::UnboundedSender<String>>,
 }
 
 impl OpenTask {
@@ -367,6 +369,10 @@ impl TaskManager {
                 task.name,
                 task.id
             );
+        }
+        if let Some(tx) = &task.handed_out {
+            // The workflow may have stopped listening (it then ignores hand-outs).
+            let _ = tx.send(client.clone());
         }
         let msg_root_id = uuid::Uuid::new_v4().to_string();
         protocol::task(&TaskSend {
@@ -671,6 +677,9 @@ pub struct PostTask {
     pub targets: Vec<String>,
     /// The posting workflow's id (`__workflow__` cookie).
     pub workflow: String,
+    /// Told the client's name each time the task is handed to a client (e.g. to send it what
+    /// goes with the task, such as a streamed model); `None`: nobody needs to know.
+    pub handed_out: Option<mpsc::UnboundedSender<String>>,
 }
 
 impl Handler<PostTask> for TaskManager {
@@ -722,6 +731,7 @@ impl Handler<PostTask> for TaskManager {
             sent: HashSet::new(),
             answered: HashSet::new(),
             results: tx,
+            handed_out: msg.handed_out,
         });
         for client in gone {
             self.count_out(&client);
