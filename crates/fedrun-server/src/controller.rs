@@ -150,9 +150,13 @@ impl Controller {
     /// The result is `Ok` with every answer received (failed ones included, in arrival order)
     /// when at least `min_responses` succeeded, and
     /// [`ServerError::NotEnoughResponses`] otherwise. A client whose result has an error code
-    /// counts as *answered* (it will not answer again) but not as a *success*. A client that
-    /// stops asking for tasks (gone) simply never answers: without a task timeout the wait then
-    /// lasts until `min_responses` is reached or the abort fires.
+    /// counts as *answered* (it will not answer again) but not as a *success*. A client job
+    /// whose connection closed and is not back within the client grace is counted out: it
+    /// answers `COMMUNICATION_ERROR` in its name (see
+    /// [`ServerJob::client_connection`](crate::ServerJob::client_connection)). A client that
+    /// stops asking for tasks while the server job does not learn that it is gone simply never
+    /// answers: without a task timeout the wait then lasts until `min_responses` is reached or
+    /// the abort fires.
     ///
     /// `min_responses = 0` means every target. The task is closed when this returns (later
     /// results are dropped, `__task_check__` says `TASK_UNKNOWN`).
