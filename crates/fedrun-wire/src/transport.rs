@@ -517,6 +517,14 @@ impl TcpTransport {
         self.inner.is_connected(peer)
     }
 
+    /// A receiver that is marked changed whenever a peer connects or its connection ends (the
+    /// value is only a generation counter: read [`TcpTransport::peers`] or
+    /// [`TcpTransport::is_connected`] after each change). Lets a server notice a client job
+    /// whose connection closed, and whether it came back.
+    pub fn peer_changes(&self) -> watch::Receiver<u64> {
+        self.inner.peers_changed.subscribe()
+    }
+
     /// Waits until `peer` is connected (handshake done), at most `timeout`; returns whether it
     /// is.
     pub async fn wait_for_peer(&self, peer: &Fqcn, timeout: Duration) -> bool {
