@@ -80,6 +80,10 @@ use crate::stream_rx::{
 };
 use crate::stream_tx::{ChunkParams, MessageChunks, StreamSendConfig, StreamSender, Transmission};
 
+// secure messages (`cn__secure`): a child module, so that the hooks here stay one line each
+#[path = "secure.rs"]
+pub(crate) mod secure;
+
 /// The channel of CellNet's own control messages.
 pub const CELLNET_CHANNEL: &str = "cellnet.channel";
 /// The topic a peer says goodbye on.
@@ -155,6 +159,14 @@ pub struct WireConfig {
     /// message it sends, and its server root checks them on everything it passes on
     /// (`secure_train`). A value already set on a frame is replaced.
     pub outgoing_headers: Vec<(String, String)>,
+    /// Credentials for NVFlare's end-to-end secure messages (`cn__secure`): the cell's key,
+    /// certificate and root CA, usually loaded from its startup kit
+    /// ([`fedrun_secure::CellCredentials::from_startup_kit`]). With them, a message a local
+    /// cell sends with `secure` is encrypted for its destination (after a certificate
+    /// exchange) and encrypted messages for local cells are opened; without them (the
+    /// default) a secure send fails with `authentication_error` and is never sent in clear,
+    /// and a peer's key exchange is answered with `cert_error`.
+    pub secure: Option<Arc<fedrun_secure::CellCredentials>>,
 }
 
 impl Default for WireConfig {
@@ -173,6 +185,7 @@ impl Default for WireConfig {
             stream_send: StreamSendConfig::default(),
             forwarding: true,
             outgoing_headers: Vec::new(),
+            secure: None,
         }
     }
 }
@@ -278,6 +291,7 @@ pub(crate) struct Inner {
     /// Goodbyes of [`TcpTransport::shutdown`] waiting for the peer's answer, by request id.
     bye_waiters: Mutex<HashMap<String, oneshot::Sender<()>>>,
     sender: StreamSender,
+    pub(crate) secure: secure::SecureLink,
 }
 
 /// An NVFlare endpoint on TCP: the [`Transport`] of the cells of one fedrun process.
@@ -349,8 +363,9 @@ impl TcpTransport {
             max_buffered: config.max_stream_buffer,
             max_open: config.max_open_streams,
         });
+        let creds = config.secure.clone();
         TcpTransport {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
                 own,
                 config,
                 cells: RwLock::new(HashMap::new()),
@@ -361,6 +376,7 @@ impl TcpTransport {
                 streams,
                 bye_waiters: Mutex::new(HashMap::new()),
                 sender: StreamSender::new(),
+                secure: secure::SecureLink::new(creds, me.clone()),
             }),
         }
     }
@@ -706,6 +722,10 @@ impl Inner {
                 msg.headers.topic().unwrap_or("")
             );
         }
+        let body = self
+            .seal_body(&mut msg.headers, body, &dest)
+            .await
+            .map_err(|e| send_error_code(&e))?;
         self.stamp_hop(&mut msg.headers, &peer);
         msg.headers.set_payload_encoding(encoding);
         msg.headers.set_payload_len(body.len() as u64);
@@ -766,6 +786,9 @@ impl Inner {
         let wants_reply = logical.msg_type() == Some(MsgType::Req)
             && logical.reply_expected() == Some(true)
             && logical.get(header::REQ_ID).is_some();
+        let sealer = self
+            .chunk_sealer(logical, logical.origin().unwrap_or(self.own.as_str()), dest)
+            .await?;
         let request_id = wants_reply.then(|| uuid::Uuid::new_v4().to_string());
         let size = body.len() as u64;
         let chunks = MessageChunks::new(
@@ -801,6 +824,7 @@ impl Inner {
                 logical.channel().unwrap_or(""),
                 logical.topic().unwrap_or("")
             ),
+            seal: sealer.as_ref(),
         };
         let result = self
             .sender
@@ -855,6 +879,15 @@ impl Inner {
             .iter()
             .map(|c| c.payload.as_bytes().map_or(0, |b| b.len() as u64))
             .sum();
+        // the reply to a secure request is sealed for the requester, chunk by chunk
+        let sealer = self
+            .chunk_sealer(
+                &reply.headers,
+                reply.headers.origin().unwrap_or(self.own.as_str()),
+                &requester,
+            )
+            .await
+            .map_err(|e| send_error_code(&e))?;
         let t = Transmission {
             own: &self.own,
             peer: &peer,
@@ -866,6 +899,7 @@ impl Inner {
             window: cfg.window_size,
             ack_timeout: cfg.ack_timeout,
             what: format!("reply to {}", pending.describe()),
+            seal: sealer.as_ref(),
         };
         self.sender
             .transmit(&t, chunks.into_iter(), |h| self.stamp_hop(h, &peer))
@@ -1413,6 +1447,9 @@ impl Inner {
                         }
                         continue;
                     }
+                    let Some(frame) = self.open_incoming(peer, frame, tx).await else {
+                        continue;
+                    };
                     let msg = message_from_frame(frame)?;
                     self.handle_incoming(peer, msg, tx).await;
                 }
@@ -1491,6 +1528,9 @@ fn send_error_code(e: &WireError) -> CellReturnCode {
     match e {
         WireError::InvalidDestination(_) => CellReturnCode::InvalidTarget,
         WireError::NoRoute(_) => CellReturnCode::TargetUnreachable,
+        WireError::SecureUnavailable | WireError::Secure { .. } | WireError::KeyExchange { .. } => {
+            CellReturnCode::AuthenticationError
+        }
         _ => CellReturnCode::CommError,
     }
 }
