@@ -109,8 +109,21 @@ impl CellCredentials {
     ///
     /// File, config, key and certificate errors.
     pub fn from_startup_kit(dir: impl AsRef<Path>) -> Result<CellCredentials, SecureError> {
+        CellCredentials::from_startup_kit_with(dir, "fed_client.json")
+    }
+
+    /// [`CellCredentials::from_startup_kit`] with the client config file named `fed_client`
+    /// (NVFlare's job process is given its name with `-s`).
+    ///
+    /// # Errors
+    ///
+    /// As [`CellCredentials::from_startup_kit`].
+    pub fn from_startup_kit_with(
+        dir: impl AsRef<Path>,
+        fed_client: &str,
+    ) -> Result<CellCredentials, SecureError> {
         let dir = dir.as_ref();
-        let client_cfg = dir.join("fed_client.json");
+        let client_cfg = dir.join(fed_client);
         let server_cfg = dir.join("fed_server.json");
         let mut files = KitFiles {
             root: dir.join("rootCA.pem"),
