@@ -309,6 +309,15 @@ impl Inner {
         let Some(h) = frame.headers.as_ref() else {
             return Some(frame);
         };
+        // only what is for a cell hosted here (or this endpoint) is ours to answer or open; the
+        // rest takes the local path, which answers what it cannot deliver
+        let for_us = h
+            .destination()
+            .and_then(|d| Fqcn::new(d).ok())
+            .is_some_and(|d| d == self.own || self.local_cell(&d).is_some());
+        if !for_us {
+            return Some(frame);
+        }
         if is_key_exchange(h) {
             self.on_key_exchange(peer, frame, tx).await;
             return None;

@@ -485,3 +485,32 @@ async fn a_tampered_envelope_is_dropped_and_its_request_answered_authentication_
     p.cell.stop().await;
     p.net.shutdown().await;
 }
+
+#[actix::test]
+async fn a_key_exchange_for_a_cell_not_hosted_here_is_not_answered_with_this_cells_certificate() {
+    init_log();
+    // a leaf (forwarding off, as a client job): what is not for its cells is answered `return`
+    let cfg = WireConfig {
+        forwarding: false,
+        ..config(Some("site-1"))
+    };
+    let net = TcpTransport::new(fqcn("site-1.J1"), cfg);
+    let addr = net.add_listener("tcp://127.0.0.1:0").await.unwrap();
+    let cell = Cell::start(fqcn("site-1.J1"), net.clone()).unwrap();
+    let mut raw = raw_peer(addr, "site-2.J1").await;
+    let mut h = raw_headers("credential_manager", "key_exchange", MsgType::Req, "kx-9");
+    h.set_destination("site-1.J9");
+    h.set_reply_expected(true);
+    let frame = frame_from_message(CellMessage {
+        headers: h,
+        payload: cert_map(&raw_cipher()),
+    })
+    .unwrap();
+    raw.send(frame).await.unwrap();
+    let answer = message_from_frame(next_data(&mut raw).await).unwrap();
+    assert_eq!(answer.headers.msg_type(), Some(MsgType::Return));
+    assert_eq!(answer.return_code(), CellReturnCode::CommError);
+    assert!(answer.payload.as_value().is_none(), "no certificate given");
+    cell.stop().await;
+    net.shutdown().await;
+}
