@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fedrun::cell::{request_handler, Cell, CellHandle, CellMessage, Fqcn, Payload, SendRequest};
+use fedrun::secure::CellCredentials;
 use fedrun::{CellReturnCode, Map, Value};
-use fedrun_secure::CellCredentials;
 use fedrun_wire::{StreamChannels, StreamSendConfig, TcpTransport, WireConfig};
 use py_cells::{free_port, PyArgs, PyCells, PYTHON_ENV, STEP};
 use serde_json::json;
