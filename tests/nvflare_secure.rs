@@ -14,7 +14,8 @@
 //! and several) and core bytes; a fedrun cell without credentials cannot send a secure request
 //! and nothing of it reaches NVFlare. NVFlare 2.9 cannot seal a FOBS payload on the core
 //! (unstreamed) path, so object payloads go on the streamed aux channel, as NVFlare's aux runner
-//! sends them, and the core path carries bytes.
+//! sends them (fedrun streams a secure object request on such a channel whatever its size, with
+//! the default settings used here), and the core path carries bytes.
 //!
 //! Needs `FEDRUN_NVFLARE_PYTHON` (a Python with nvflare==2.9.0, set by `.ci/run`); without it
 //! the test says so and passes. Every wait has a deadline, the script has its own watchdog, and
@@ -33,7 +34,7 @@ use bytes::Bytes;
 use fedrun::cell::{request_handler, Cell, CellHandle, CellMessage, Fqcn, Payload, SendRequest};
 use fedrun::secure::CellCredentials;
 use fedrun::{CellReturnCode, Map, Value};
-use fedrun_wire::{StreamChannels, StreamSendConfig, TcpTransport, WireConfig};
+use fedrun_wire::{TcpTransport, WireConfig};
 use py_cells::{free_port, PyArgs, PyCells, PYTHON_ENV, STEP};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -123,12 +124,8 @@ fn config(creds: Option<CellCredentials>) -> WireConfig {
     WireConfig {
         reconnect_initial: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
-        // as NVFlare's cells: aux_communication always streams (NVFlare 2.9 cannot seal a FOBS
-        // reply on the core path)
-        stream_send: StreamSendConfig {
-            channels: StreamChannels::Nvflare,
-            ..StreamSendConfig::default()
-        },
+        // default stream settings: a secure object request on aux_communication is streamed
+        // anyway, as NVFlare 2.9 can only seal object payloads chunk by chunk
         secure: creds.map(Arc::new),
         ..WireConfig::default()
     }

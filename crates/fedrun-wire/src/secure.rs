@@ -8,7 +8,9 @@
 //!   true leaves with its encoded payload replaced by an envelope for its destination cell,
 //!   `cn__clear_payload_len` (the cleartext size) and `cn__encrypted` true; the
 //!   `cn__payload_encoding` stays the cleartext's. A streamed message is sealed chunk by chunk
-//!   (each `sm__DATA` payload its own envelope; ACKs and errors stay plain). The destination's
+//!   (each `sm__DATA` payload its own envelope; ACKs and errors stay plain); a secure request
+//!   with an object payload on a channel NVFlare streams (`aux_communication`, ...) is always
+//!   streamed, as NVFlare sends it (see `must_stream`). The destination's
 //!   certificate comes from a key exchange (channel `credential_manager`, topic
 //!   `key_exchange`) the first time. Without credentials ([`WireConfig::secure`]) the send
 //!   fails with `authentication_error` and a log line: a secure message never leaves in clear.
@@ -28,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fedrun_cell::{header, CellMessage, Fqcn, Headers, MsgType, Payload};
+use fedrun_cell::{header, CellMessage, Fqcn, Headers, MsgType, Payload, PayloadEncoding};
 use fedrun_core::{Map, Value};
 use fedrun_secure::{
     CellCipher, CellCredentials, CERT_CA_CONTENT, CERT_CONTENT, CERT_ERROR, KEY_EXCHANGE_CHANNEL,
@@ -129,6 +131,14 @@ fn mark_encrypted(h: &mut Headers, clear_len: usize) {
 
 fn wants_seal(h: &Headers) -> bool {
     h.secure() == Some(true) && h.get(header::ENCRYPTED).and_then(Value::as_bool) != Some(true)
+}
+
+/// Whether a message must leave as a stream on a channel NVFlare streams, whatever its size:
+/// a secure message with an object (FOBS) payload. NVFlare 2.9 cannot seal an object payload
+/// on its unstreamed path, so its handler's object reply to a secure unstreamed request would
+/// never come back; streamed, request and reply are sealed chunk by chunk.
+pub(super) fn must_stream(h: &Headers, encoding: PayloadEncoding) -> bool {
+    wants_seal(h) && encoding == PayloadEncoding::Fobs
 }
 
 fn is_key_exchange(h: &Headers) -> bool {

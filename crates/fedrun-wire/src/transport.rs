@@ -701,11 +701,11 @@ impl Inner {
             );
             CellReturnCode::CommError
         })?;
-        if self
-            .config
-            .stream_send
-            .wants_stream_with_refs(&msg.headers, body.len(), has_refs)
-        {
+        if self.config.stream_send.wants_stream_with_refs(
+            &msg.headers,
+            body.len(),
+            has_refs || secure::must_stream(&msg.headers, encoding),
+        ) {
             return self
                 .stream_out(&msg.headers, encoding, body, &dest, &peer, &link)
                 .await

@@ -75,8 +75,12 @@ fn echo(seen: mpsc::Sender<CellMessage>) -> RequestHandler {
 }
 
 fn secure_request(target: &str, payload: impl Into<Payload>) -> SendRequest {
+    secure_request_on("test", target, payload)
+}
+
+fn secure_request_on(channel: &str, target: &str, payload: impl Into<Payload>) -> SendRequest {
     SendRequest::new(
-        "test",
+        channel,
         "echo",
         fqcn(target),
         CellMessage::new(payload.into()),
@@ -270,8 +274,11 @@ async fn a_secure_request_leaves_as_an_envelope_that_only_its_destination_opens(
     let body = shareable(7, 100);
     let cell = p.cell.clone();
     let sent = body.clone();
-    let asking =
-        tokio::spawn(async move { cell.send_request(secure_request("site-2.J1", sent)).await });
+    // on `task`, a channel NVFlare never streams: one frame
+    let asking = tokio::spawn(async move {
+        cell.send_request(secure_request_on("task", "site-2.J1", sent))
+            .await
+    });
     // 1. the key exchange: plain, FOBS, site-1's certificate offered
     let kx = message_from_frame(next_data(&mut p.raw).await).unwrap();
     assert_eq!(kx.headers.channel(), Some("credential_manager"));
@@ -304,7 +311,7 @@ async fn a_secure_request_leaves_as_an_envelope_that_only_its_destination_opens(
     let decoded = fedrun_wire::decode_payload(Some("fobs"), Bytes::from(clear)).unwrap();
     assert_eq!(decoded.as_shareable(), Some(&body));
     // 3. a sealed reply from the raw cell is opened for the waiting request
-    let mut r = raw_headers("test", "echo", MsgType::Reply, h.req_id().unwrap());
+    let mut r = raw_headers("task", "echo", MsgType::Reply, h.req_id().unwrap());
     r.set_return_code(CellReturnCode::Ok);
     r.set_secure(true);
     let answer = b"sealed answer";
@@ -513,4 +520,54 @@ async fn a_key_exchange_for_a_cell_not_hosted_here_is_not_answered_with_this_cel
     assert!(answer.payload.as_value().is_none(), "no certificate given");
     cell.stop().await;
     net.shutdown().await;
+}
+
+#[actix::test]
+async fn a_secure_object_request_on_a_channel_nvflare_streams_leaves_as_sealed_chunks() {
+    // NVFlare 2.9 can only seal object payloads chunk by chunk: fedrun streams them as NVFlare
+    // does, whatever their size (default stream settings: by size only)
+    let mut p = pair(true).await;
+    let cipher = raw_cipher();
+    let body = shareable(9, 100);
+    let cell = p.cell.clone();
+    let sent = body.clone();
+    let _asking = tokio::spawn(async move {
+        cell.send_request(secure_request_on("aux_communication", "site-2.J1", sent))
+            .await
+    });
+    let kx = message_from_frame(next_data(&mut p.raw).await).unwrap();
+    assert_eq!(kx.headers.topic(), Some("key_exchange"));
+    let pem = kx.payload.as_value().unwrap().as_map().unwrap();
+    cipher
+        .accept_peer(
+            "site-1.J1",
+            pem.get("cert_content").unwrap().as_bin().unwrap(),
+        )
+        .unwrap();
+    answer_key_exchange(&mut p.raw, &cipher, &kx).await;
+    let chunk = next_data(&mut p.raw).await;
+    let h = chunk.headers.clone().unwrap();
+    assert_eq!(h.channel(), Some("sm__STREAM"));
+    assert_eq!(
+        h.get("sm__ch").and_then(Value::as_str),
+        Some("aux_communication")
+    );
+    assert_eq!(h.get("sm__pe").and_then(Value::as_str), Some("fobs"));
+    assert_eq!(
+        h.get(header::ENCRYPTED).and_then(Value::as_bool),
+        Some(true)
+    );
+    assert_eq!(
+        h.get(header::PAYLOAD_ENCODING).and_then(Value::as_str),
+        Some("bytes")
+    );
+    let clear = cipher.decrypt_from("site-1.J1", &chunk.payload).unwrap();
+    assert_eq!(
+        h.get(header::CLEAR_PAYLOAD_LEN).and_then(Value::as_u64),
+        Some(clear.len() as u64)
+    );
+    let decoded = fedrun_wire::decode_payload(Some("fobs"), Bytes::from(clear)).unwrap();
+    assert_eq!(decoded.as_shareable(), Some(&body));
+    p.cell.stop().await;
+    p.net.shutdown().await;
 }
