@@ -81,6 +81,16 @@ pub enum WireError {
     /// The handshake names an endpoint that is not a valid FQCN.
     #[error("invalid endpoint name in the handshake: {0}")]
     InvalidEndpointName(#[source] CellError),
+    /// The endpoint name of a handshake breaks NVFlare's rules or the length bound (`name` is a
+    /// bounded prefix of what the peer sent).
+    #[error("endpoint name {name} refused: {reason}")]
+    RefusedEndpointName {
+        /// A bounded, quoted prefix of the name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The peer's endpoint name is this endpoint's own name.
     #[error("peer uses this endpoint's own name {0}")]
     SelfConnection(String),

@@ -4,17 +4,19 @@
 //! open dropped with a log line (a request among them answered `authentication_error`).
 
 use bytes::Bytes;
-use fedrun_cell::{header, CellMessage, Fqcn, Headers, MsgType, Payload};
+use fedrun_cell::{header, CellMessage, Fqcn, Headers, InboundPermit, MsgType, Payload};
 use fedrun_core::{CellReturnCode, Map, Value};
 use fedrun_secure::{CellCipher, SecureError, CERT_CONTENT, CERT_ERROR};
 use tokio::sync::mpsc;
 
+use super::super::{needs_permit, ConnBudget};
 use super::{
     cert_payload, describe, field, is_key_exchange, Held, Inner, Outbound, MAX_HELD_BYTES,
     MAX_HELD_ORIGINS,
 };
 use crate::error::WireError;
 use crate::frame::Frame;
+use crate::inbound::{decode_frame, InFlight};
 use crate::message::{frame_from_message, message_from_frame};
 
 impl Inner {
@@ -191,6 +193,17 @@ impl Inner {
                 }
                 Err(_) => Err(WireError::InvalidDestination(origin.clone())),
             };
+            // the held frames left their connection's reader: they get a budget of their own
+            // (they are few: bounded by MAX_HELD_ORIGINS and MAX_HELD_BYTES)
+            let inflight = InFlight::new(
+                endpoint.config.max_inflight_requests,
+                endpoint.config.max_inflight_bytes,
+            );
+            let cancel = endpoint.shutdown.child_token();
+            let budget = ConnBudget {
+                inflight: &inflight,
+                cancel: &cancel,
+            };
             loop {
                 let batch: Vec<Held> = {
                     let mut held = endpoint.secure.held();
@@ -217,8 +230,21 @@ impl Inner {
                     let Some(frame) = endpoint.open_frame(&cipher, &peer, frame, &tx).await else {
                         continue;
                     };
-                    match message_from_frame(frame) {
-                        Ok(msg) => endpoint.handle_incoming(&peer, msg, &tx).await,
+                    let permit = if needs_permit(&frame) {
+                        tokio::select! {
+                            biased;
+                            () = cancel.cancelled() => return,
+                            p = inflight.acquire(frame.payload.len()) => p,
+                        }
+                    } else {
+                        InboundPermit::none()
+                    };
+                    match decode_frame(frame, endpoint.config.blocking_decode_min).await {
+                        Ok(msg) => {
+                            endpoint
+                                .handle_incoming(&peer, msg, permit, &budget, &tx)
+                                .await;
+                        }
                         Err(e) => log::warn!(
                             "endpoint {}: decrypted message from {origin} dropped: {e}",
                             endpoint.own
