@@ -192,4 +192,25 @@ pub enum WireError {
     /// A socket error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// A secure message was to be sent, and no credentials for secure messages are configured
+    /// (`WireConfig::secure`): it is not sent at all, never in clear.
+    #[error("secure message not sent: no credentials for secure messages are configured")]
+    SecureUnavailable,
+    /// Sealing a secure message for a cell failed.
+    #[error("secure message for {peer}: {source}")]
+    Secure {
+        /// The cell.
+        peer: String,
+        /// Why.
+        #[source]
+        source: fedrun_secure::SecureError,
+    },
+    /// The certificate exchange with a cell failed.
+    #[error("key exchange with {target} failed: {reason}")]
+    KeyExchange {
+        /// The cell asked.
+        target: String,
+        /// Why.
+        reason: String,
+    },
 }
