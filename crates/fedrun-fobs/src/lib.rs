@@ -45,6 +45,6 @@ pub mod tags;
 pub use codec::{
     decode, decode_value, decode_with, encode, encode_payload, encode_segments,
     encode_segments_with_extra, encode_value, encode_with, DecodeOptions, EncodeOptions, Payload,
-    DEFAULT_MAX_VALUE_SIZE,
+    DECODE_MEMORY_FACTOR, DEFAULT_MAX_VALUE_SIZE,
 };
 pub use error::FobsError;
