@@ -1,8 +1,9 @@
 //! A small msgpack reader and writer, written for hostile input and byte-exact output.
 //!
 //! Why not a general msgpack crate: the bytes fedrun reads come from peers, so the reader must be
-//! *bounded* (a nesting limit, no allocation in proportion to a claimed length, every length
-//! checked against what is left) and *zero-copy* (a `bin` value is a slice of the input
+//! *bounded* (a nesting limit, a limit on the number of values, no allocation in proportion to a
+//! claimed length, every length and count checked against what is left, counts of nested
+//! containers together) and *zero-copy* (a `bin` value is a slice of the input
 //! [`Bytes`], so a 64 MiB array is never copied); and the bytes fedrun writes must be identical to
 //! what msgpack-python 1.x writes with its defaults, which this writer reproduces exactly:
 //!
@@ -980,6 +981,40 @@ mod tests {
     fn fobs_objects_are_refused_by_the_plain_writer() {
         let v = Value::Tuple(vec![]);
         assert_eq!(encode(&v), Err(FobsError::NotMsgpackNative("tuple")));
+    }
+
+    #[test]
+    fn nested_counts_are_checked_together_against_the_bytes_left() {
+        // the inner list's 2 items fit in the 2 bytes left, but not with the outer list's
+        // second item as well: refused at the inner header, before reserving anything
+        assert_eq!(
+            decode(Bytes::from_static(b"\x92\x92\xc0\xc0")),
+            Err(FobsError::LengthPastEnd {
+                offset: 1,
+                claimed: 2,
+                remaining: 2
+            })
+        );
+        assert!(decode(Bytes::from_static(b"\x92\x92\xc0\xc0\xc0")).is_ok());
+        // a map's entries owe two values each
+        assert!(matches!(
+            decode(Bytes::from_static(b"\x91\x81\xc0")),
+            Err(FobsError::LengthPastEnd { offset: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn the_value_limit_counts_values_across_reads() {
+        let mut d = Decoder::new(Bytes::from_static(b"\x01\x02\x03")).with_max_values(2);
+        assert!(d.read_value().is_ok());
+        assert!(d.read_value().is_ok());
+        assert_eq!(
+            d.read_value(),
+            Err(FobsError::TooManyValues {
+                limit: 2,
+                offset: 2
+            })
+        );
     }
 
     #[test]
