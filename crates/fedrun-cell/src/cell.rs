@@ -39,9 +39,14 @@ use crate::message::{header, CellMessage, MsgType};
 #[cfg(doc)]
 use crate::network::Network;
 use crate::network::{Deliver, Transport};
+use crate::permit::InboundPermit;
 use crate::resolve::{PayloadResolver, ResolveError};
 
-/// Capacity of a cell's mailbox. Senders beyond it wait (back-pressure).
+/// Capacity of a cell's mailbox. actix parks a sender once the mailbox holds this many
+/// messages, but the parking is per sender handle: every clone of an address starts unblocked
+/// and may always queue one more, and `do_send` ignores the capacity, so it is no bound on a
+/// cell's inbound work. A network transport bounds
+/// that with the [`InboundPermit`] of each delivery.
 pub const MAILBOX_CAPACITY: usize = 1024;
 
 /// The wildcard channel or topic of a handler registration.
@@ -602,24 +607,30 @@ impl Cell {
     }
 
     /// Hands a received message to its waiter (reply, return) or its handler (request).
-    fn dispatch(&mut self, msg: CellMessage, ctx: &mut Context<Self>) {
+    /// `permit` is held until the message is done with (see [`InboundPermit`]).
+    fn dispatch(&mut self, msg: CellMessage, permit: InboundPermit, ctx: &mut Context<Self>) {
         match msg.headers.msg_type() {
             Some(MsgType::Reply | MsgType::Return) => self.complete_waiters(msg),
-            Some(MsgType::Req) => self.serve_request(msg, ctx),
+            Some(MsgType::Req) => self.serve_request(msg, permit, ctx),
             None => self.log_drop(&msg, "message without a valid cn__msg_type, dropped"),
         }
     }
 
     /// A message whose payload carries download references: run the resolver on a future
     /// spawned in the actor's context, then dispatch the completed message, or its failure.
-    fn resolve_then_dispatch(&mut self, msg: CellMessage, ctx: &mut Context<Self>) {
+    fn resolve_then_dispatch(
+        &mut self,
+        msg: CellMessage,
+        permit: InboundPermit,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(resolver) = self.resolver.clone() else {
             let error = ResolveError::new(
                 CellReturnCode::ProcessException,
                 "payload carries download references but this cell has no payload resolver",
             );
             let headers = msg.headers;
-            self.resolve_failed(headers, &error, ctx);
+            self.resolve_failed(headers, &error, permit, ctx);
             return;
         };
         let headers = msg.headers.clone();
@@ -628,9 +639,9 @@ impl Cell {
             move |result, cell: &mut Cell, ctx: &mut Context<Cell>| match result {
                 Ok(mut resolved) => {
                     resolved.headers.remove(header::DOWNLOAD_REFS);
-                    cell.dispatch(resolved, ctx);
+                    cell.dispatch(resolved, permit, ctx);
                 }
-                Err(e) => cell.resolve_failed(headers, &e, ctx),
+                Err(e) => cell.resolve_failed(headers, &e, permit, ctx),
             },
         );
         ctx.spawn(task);
@@ -643,6 +654,7 @@ impl Cell {
         &mut self,
         mut headers: crate::message::Headers,
         error: &ResolveError,
+        permit: InboundPermit,
         ctx: &mut Context<Self>,
     ) {
         headers.remove(header::DOWNLOAD_REFS);
@@ -667,7 +679,7 @@ impl Cell {
             }
             Some(MsgType::Req) => {
                 let failure = HandlerFailure(error.clone());
-                self.serve_request_with(msg, Some(failure), ctx);
+                self.serve_request_with(msg, Some(failure), permit, ctx);
             }
             None => self.log_drop(&msg, "message without a valid cn__msg_type, dropped"),
         }
@@ -740,16 +752,23 @@ impl Cell {
 
     /// A request addressed to this cell: run its handler on a future spawned in the actor's
     /// context (so that it is dropped if the cell stops) and route the reply.
-    fn serve_request(&mut self, request: CellMessage, ctx: &mut Context<Self>) {
-        self.serve_request_with(request, None, ctx);
+    fn serve_request(
+        &mut self,
+        request: CellMessage,
+        permit: InboundPermit,
+        ctx: &mut Context<Self>,
+    ) {
+        self.serve_request_with(request, None, permit, ctx);
     }
 
     /// [`Cell::serve_request`]; with `failure`, the handler is not run and the request is
-    /// answered with that failure.
+    /// answered with that failure. `permit` is held until the handler has finished and its
+    /// reply was routed (or the future is dropped because the cell stops).
     fn serve_request_with(
         &mut self,
         request: CellMessage,
         failure: Option<HandlerFailure>,
+        permit: InboundPermit,
         ctx: &mut Context<Self>,
     ) {
         let info = RequestInfo::of(&request);
@@ -768,6 +787,8 @@ impl Cell {
         let me = self.fqcn.clone();
         let transport = Arc::clone(&self.transport);
         let task = async move {
+            // released when this future completes or is dropped
+            let _permit = permit;
             let result = match (failure, handler) {
                 (Some(HandlerFailure(e)), _) => {
                     let mut reply = CellMessage::empty();
@@ -1156,7 +1177,7 @@ impl Handler<FireAndForget> for Cell {
 impl Handler<Deliver> for Cell {
     type Result = ();
 
-    fn handle(&mut self, Deliver(msg): Deliver, ctx: &mut Self::Context) {
+    fn handle(&mut self, Deliver(msg, permit): Deliver, ctx: &mut Self::Context) {
         let h = &msg.headers;
         log::debug!(
             "cell {}: {} on {}/{} from {}",
@@ -1171,10 +1192,10 @@ impl Handler<Deliver> for Cell {
             return;
         }
         if msg.headers.contains_key(header::DOWNLOAD_REFS) {
-            self.resolve_then_dispatch(msg, ctx);
+            self.resolve_then_dispatch(msg, permit, ctx);
             return;
         }
-        self.dispatch(msg, ctx);
+        self.dispatch(msg, permit, ctx);
     }
 }
 

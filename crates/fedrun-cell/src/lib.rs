@@ -24,6 +24,8 @@
 //! - [`cell`]: the [`Cell`] actor, its messages ([`SendRequest`], [`SendMultiRequest`],
 //!   [`FireAndForget`], [`RegisterRequestHandler`], [`Stop`]), request handlers and the typed
 //!   [`CellHandle`].
+//! - [`permit`]: [`InboundPermit`], the guard a network transport attaches to a delivery and
+//!   the cell holds until it is done with the message (bounded inbound work).
 //! - [`resolve`]: the [`PayloadResolver`] hook that completes payloads carrying download
 //!   references before they are dispatched.
 //!
@@ -77,6 +79,7 @@ pub mod error;
 pub mod fqcn;
 pub mod message;
 pub mod network;
+pub mod permit;
 pub mod resolve;
 
 pub use abort::AbortSignal;
@@ -89,4 +92,5 @@ pub use error::{CellError, HandlerError};
 pub use fqcn::Fqcn;
 pub use message::{header, CellCode, CellMessage, Headers, MsgType, Payload, PayloadEncoding};
 pub use network::{Deliver, Network, Transport};
+pub use permit::InboundPermit;
 pub use resolve::{PayloadResolver, ResolveError};

@@ -22,15 +22,27 @@ use futures::FutureExt;
 use crate::error::CellError;
 use crate::fqcn::Fqcn;
 use crate::message::CellMessage;
+use crate::permit::InboundPermit;
 
 /// A message handed to a cell by its transport: a request for it, or a reply to one of its
 /// requests. Cells register a `Recipient<Deliver>` with their transport.
 ///
 /// The result is `()`: the transport only learns that the cell accepted the message (its
 /// mailbox took it and the cell processed the hand-over), not what the cell did with it.
+///
+/// The [`InboundPermit`] is held by the cell until it is done with the message (a request's
+/// handler finished and its reply was routed, a reply reached its waiter): a network transport
+/// bounds the work in flight with it. [`Deliver::new`] carries none.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Deliver(pub CellMessage);
+pub struct Deliver(pub CellMessage, pub InboundPermit);
+
+impl Deliver {
+    /// A delivery that reserved nothing.
+    pub fn new(msg: CellMessage) -> Deliver {
+        Deliver(msg, InboundPermit::none())
+    }
+}
 
 /// What a cell needs from the medium that carries its messages.
 ///
@@ -180,7 +192,7 @@ impl Network {
             log::debug!("network: no cell named {destination}");
             return Err(CellReturnCode::TargetUnreachable);
         };
-        match inbox.send(Deliver(msg)).await {
+        match inbox.send(Deliver::new(msg)).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 log::debug!("network: cell {destination} cannot take messages ({e})");

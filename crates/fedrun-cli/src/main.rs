@@ -104,6 +104,10 @@ struct ServerArgs {
     /// How long clients wait before asking for a task again, in milliseconds.
     #[arg(long, default_value_t = 100)]
     poll_interval_ms: u64,
+    /// A client whose connection closed and is not back after this many seconds is counted
+    /// out of the round (the run fails then if too few clients are left).
+    #[arg(long, default_value_t = 30)]
+    client_grace: u64,
     #[command(flatten)]
     tls: fedrun_cli::tls_opts::TlsOptions,
 }
@@ -332,6 +336,7 @@ fn run_server(args: ServerArgs) -> ExitCode {
         timeout: Duration::from_secs(args.timeout),
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         end_of_run_deadline: DEFAULT_END_OF_RUN_DEADLINE,
+        client_grace: Duration::from_secs(args.client_grace),
     };
     let bar = progress_bar();
     let mut observer = ProgressObserver { bar: bar.clone() };

@@ -15,7 +15,9 @@
 //! listens with TLS or mTLS as NVFlare's server does, and [`ServerRun::url`] says `stcp://`.
 //!
 //! Nothing waits forever: past [`ServerOptions::timeout`] the run is aborted and the command
-//! fails with [`CliError::Timeout`].
+//! fails with [`CliError::Timeout`]. A client job whose connection closed and that is not back
+//! within [`ServerOptions::client_grace`] is counted out of the round at once (the round goes
+//! on with the others if `min_clients` still can be met, else the run fails then).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,6 +82,9 @@ pub struct ServerOptions {
     pub poll_interval: Duration,
     /// How long the client jobs get to hang up after the run ended.
     pub end_of_run_deadline: Duration,
+    /// How long a client job whose connection closed may take to come back before it is
+    /// counted out of the round (`--client-grace`).
+    pub client_grace: Duration,
 }
 
 impl ServerOptions {
@@ -96,6 +101,7 @@ impl ServerOptions {
             timeout: DEFAULT_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             end_of_run_deadline: DEFAULT_END_OF_RUN_DEADLINE,
+            client_grace: fedrun_server::DEFAULT_CLIENT_GRACE,
         }
     }
 }
@@ -214,6 +220,7 @@ impl ServerRun {
         let started = ServerJob::builder(&setup.job_id)
             .job_clients(&sites)
             .poll_interval(options.poll_interval)
+            .client_grace(options.client_grace)
             .events(events_tx)
             .start_on(transport.clone())
             .await;
@@ -303,6 +310,16 @@ impl ServerRun {
             drop(workflows);
             result
         });
+        // A client job is connected when its job cell (or its site's parent, which relays it)
+        // is a peer of this endpoint.
+        let follower = {
+            let (t, job) = (transport.clone(), job_id.clone());
+            server.follow_connections(transport.peer_changes(), move |site| {
+                [Fqcn::job_cell(site, &job), Fqcn::new(site)]
+                    .into_iter()
+                    .any(|f| f.is_ok_and(|f| t.is_connected(&f)))
+            })
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rounds: Vec<RoundMetrics> = Vec::new();
         let mut timed_out = false;
@@ -355,6 +372,7 @@ impl ServerRun {
                 );
             }
         }
+        follower.abort();
         server.stop().await;
         transport.shutdown().await;
 

@@ -81,6 +81,16 @@ pub enum WireError {
     /// The handshake names an endpoint that is not a valid FQCN.
     #[error("invalid endpoint name in the handshake: {0}")]
     InvalidEndpointName(#[source] CellError),
+    /// The endpoint name of a handshake breaks NVFlare's rules or the length bound (`name` is a
+    /// bounded prefix of what the peer sent).
+    #[error("endpoint name {name} refused: {reason}")]
+    RefusedEndpointName {
+        /// A bounded, quoted prefix of the name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The peer's endpoint name is this endpoint's own name.
     #[error("peer uses this endpoint's own name {0}")]
     SelfConnection(String),
@@ -209,4 +219,25 @@ pub enum WireError {
     /// A socket error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// A secure message was to be sent, and no credentials for secure messages are configured
+    /// (`WireConfig::secure`): it is not sent at all, never in clear.
+    #[error("secure message not sent: no credentials for secure messages are configured")]
+    SecureUnavailable,
+    /// Sealing a secure message for a cell failed.
+    #[error("secure message for {peer}: {source}")]
+    Secure {
+        /// The cell.
+        peer: String,
+        /// Why.
+        #[source]
+        source: fedrun_secure::SecureError,
+    },
+    /// The certificate exchange with a cell failed.
+    #[error("key exchange with {target} failed: {reason}")]
+    KeyExchange {
+        /// The cell asked.
+        target: String,
+        /// Why.
+        reason: String,
+    },
 }

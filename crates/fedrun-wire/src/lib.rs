@@ -19,6 +19,10 @@
 //! - [`transport`]: [`TcpTransport`], the [`fedrun_cell::Transport`] that runs cells over
 //!   TCP: listeners and reconnecting connectors, HELLO/READY, PING/PONG, NVFlare's route rule,
 //!   relaying, one bounded writer queue per connection.
+//! - [`limits`]: what a peer may make this endpoint hold: endpoint-name rules, bounded log
+//!   prefixes of peer-supplied strings ([`limits::Bounded`]), the descriptor-derived connection
+//!   limit. `inbound` (internal) enforces the connection slots, the silent-connection policy and
+//!   the per-connection in-flight budget.
 //! - [`tls`]: TLS and mTLS (`stcp://`, NVFlare's `secure_train`): credentials from a startup
 //!   kit, [`tls::TlsListener`] and [`tls::TlsConnector`] for
 //!   [`TcpTransport::add_tls_listener`] and [`TcpTransport::add_tls_connector`], and the mTLS
@@ -64,6 +68,8 @@ mod body;
 pub mod codec;
 pub mod error;
 pub mod frame;
+mod inbound;
+pub mod limits;
 pub mod message;
 pub mod stream;
 mod stream_rx;

@@ -29,6 +29,7 @@ use fedrun_cell::{header, CellMessage, Fqcn, Headers, MsgType, Payload, PayloadE
 use fedrun_core::{CellReturnCode, Value};
 
 use crate::frame::epoch_secs;
+use crate::limits::Bounded;
 use crate::message::{decode_payload_with_refs, encode_payload_body_with, ref_datums};
 use crate::stream::{
     key, Chunk, DataType, StreamMessage, RETURN_ONLY_CHANNEL, STREAM_CHANNEL, TOPIC_ACK,
@@ -60,6 +61,9 @@ pub(crate) enum StreamAction {
     Control(Headers),
     /// Hand this complete message to the local cell it is addressed to.
     Deliver(CellMessage),
+    /// A stream is complete: decode it ([`StreamReceiver::finish`], outside the receiver's
+    /// lock and, when big, off the async executor), which gives the next actions.
+    Decode(Box<Completed>),
     /// A streamed reply (on `return_only`) to the streamed request with this `sm__ri`; the
     /// sending side knows which request that was.
     Reply {
@@ -86,6 +90,21 @@ pub(crate) struct Limits {
     pub(crate) max_blob: u64,
     pub(crate) max_buffered: u64,
     pub(crate) max_open: usize,
+    /// A stream that received nothing for this long is dropped ([`StreamReceiver::expire_idle`]).
+    pub(crate) idle_timeout: Duration,
+    /// Blobs of at least this many bytes are decoded on tokio's blocking pool.
+    pub(crate) blocking_decode_min: usize,
+}
+
+/// A complete stream taken out of the receiver, to be decoded by [`StreamReceiver::finish`].
+#[derive(Debug)]
+pub(crate) struct Completed {
+    /// Headers of chunk 0.
+    first: Headers,
+    blob: Bytes,
+    /// The last chunk and its headers (for an error about the stream).
+    last: Headers,
+    chunk: Chunk,
 }
 
 /// The in-order bytes of a stream so far: the first chunk as it came (a one-chunk stream is
@@ -138,6 +157,10 @@ struct RxStream {
     unacked: u64,
     size: u64,
     final_seen: bool,
+    /// When the last chunk arrived.
+    last_seen: Instant,
+    /// Channel and topic of the stream, for the log line of an expiry.
+    what: String,
 }
 
 impl RxStream {
@@ -230,8 +253,8 @@ impl StreamReceiver {
                 log::warn!(
                     "endpoint {own}: {peer} reports an error on stream {}: {} ({})",
                     e.stream_id,
-                    e.message.as_deref().unwrap_or(""),
-                    e.error_type.as_deref().unwrap_or("")
+                    Bounded(e.message.as_deref().unwrap_or("")),
+                    Bounded(e.error_type.as_deref().unwrap_or(""))
                 );
                 if let Some(origin) = msg.headers.origin() {
                     self.lock().open.remove(&(origin.to_owned(), e.stream_id));
@@ -285,12 +308,17 @@ impl StreamReceiver {
                     unacked: 0,
                     size: c.size,
                     final_seen: false,
+                    last_seen: Instant::now(),
+                    what: format!("{}/{}", c.channel, c.topic),
                 },
             );
         }
         let total_before = state.buffered();
         let outcome = match state.open.get_mut(&key) {
-            Some(st) => self.accept_chunk(st, &headers, &c, data, total_before),
+            Some(st) => {
+                st.last_seen = Instant::now();
+                self.accept_chunk(st, &headers, &c, data, total_before)
+            }
             None => Err(refuse("stream state lost".into(), "StreamError")),
         };
         match outcome {
@@ -324,11 +352,16 @@ impl StreamReceiver {
                     actions.push(self.error(own, peer, &headers, &c, r));
                     return actions;
                 }
-                match self.complete(&mut state, st) {
-                    Ok(Some(action)) => actions.push(action),
-                    Ok(None) => {}
-                    Err(r) => {
-                        drop(state);
+                drop(state);
+                match st.first {
+                    Some(first) => actions.push(StreamAction::Decode(Box::new(Completed {
+                        first,
+                        blob: st.parts.into_bytes(),
+                        last: headers,
+                        chunk: c,
+                    }))),
+                    None => {
+                        let r = refuse("stream without chunk 0".into(), "StreamError");
                         actions.push(self.error(own, peer, &headers, &c, r));
                     }
                 }
@@ -443,22 +476,91 @@ impl StreamReceiver {
         Ok(Progress::Nothing)
     }
 
-    /// What to do with a complete stream: deliver its logical message, or hand a streamed
-    /// reply to the sending side (`None` for something nobody waits for).
-    fn complete(&self, state: &mut State, st: RxStream) -> Result<Option<StreamAction>, Refusal> {
-        let Some(first) = st.first else {
-            return Err(refuse("stream without chunk 0".into(), "StreamError"));
+    /// Decodes a complete stream (no lock held; on tokio's blocking pool when the blob has at
+    /// least [`Limits::blocking_decode_min`] bytes, so that a big FOBS payload neither stalls
+    /// the other streams nor an executor thread) and says what to do with it: deliver its
+    /// logical message, hand a streamed reply to the sending side, or report an error to the
+    /// stream's sender.
+    pub(crate) async fn finish(
+        &self,
+        own: &Fqcn,
+        peer: &Fqcn,
+        done: Box<Completed>,
+    ) -> Option<StreamAction> {
+        let Completed {
+            first,
+            blob,
+            last,
+            chunk,
+        } = *done;
+        let blob_len = blob.len() as u64;
+        let encoding = first
+            .get(key::PAYLOAD_ENCODING)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let decode = move || decode_payload_with_refs(encoding.as_deref(), blob);
+        let decoded = if blob_len >= self.limits.blocking_decode_min as u64 {
+            match tokio::task::spawn_blocking(decode).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let r = refuse(format!("decoding failed: {e}"), "StreamError");
+                    return Some(self.error(own, peer, &last, &chunk, r));
+                }
+            }
+        } else {
+            decode()
         };
-        let blob = st.parts.into_bytes();
+        let decoded = decoded.map_err(|e| refuse(e.to_string(), "StreamError"));
+        let outcome = decoded.and_then(|(payload, refs)| {
+            self.complete(&mut self.lock(), first, blob_len, payload, refs)
+        });
+        match outcome {
+            Ok(action) => action,
+            Err(r) => Some(self.error(own, peer, &last, &chunk, r)),
+        }
+    }
+
+    /// Drops the streams from `peer` that received nothing for [`Limits::idle_timeout`] (a
+    /// sender that went away mid-stream while its connection stays up), each logged with its
+    /// stream id, origin, channel and topic. Returns how many were dropped.
+    pub(crate) fn expire_idle(&self, own: &Fqcn, peer: &str) -> usize {
+        let now = Instant::now();
+        let timeout = self.limits.idle_timeout;
+        let mut state = self.lock();
+        let before = state.open.len();
+        state.open.retain(|(origin, id), st| {
+            let idle = st.peer == peer && now.duration_since(st.last_seen) >= timeout;
+            if idle {
+                log::warn!(
+                    "endpoint {own}: stream {id} from {} via {peer} on {} dropped: \
+                     nothing received for {timeout:?} ({} of {} bytes)",
+                    Bounded(origin),
+                    Bounded(&st.what),
+                    st.received,
+                    st.size
+                );
+            }
+            !idle
+        });
+        before - state.open.len()
+    }
+
+    /// What to do with a decoded stream (the reply bookkeeping is kept under the lock): deliver
+    /// its logical message, or hand a streamed reply to the sending side (`None` for something
+    /// nobody waits for).
+    fn complete(
+        &self,
+        state: &mut State,
+        first: Headers,
+        blob_len: u64,
+        payload: Payload,
+        refs: Vec<fedrun_fobs::download_ref::DownloadRef>,
+    ) -> Result<Option<StreamAction>, Refusal> {
         let str_of = |k: &str| first.get(k).and_then(Value::as_str).map(str::to_owned);
         let channel = str_of(key::CHANNEL).unwrap_or_default();
         let topic = str_of(key::TOPIC).unwrap_or_default();
         let request_id = str_of(key::REQUEST_ID);
         let origin = first.origin().unwrap_or("").to_owned();
-        let blob_len = blob.len() as u64;
-        let (payload, refs) =
-            decode_payload_with_refs(str_of(key::PAYLOAD_ENCODING).as_deref(), blob)
-                .map_err(|e| refuse(e.to_string(), "StreamError"))?;
         let mut headers: Headers = first
             .into_iter()
             .filter(|(k, _)| {
@@ -474,7 +576,11 @@ impl StreamReceiver {
         }
         if channel == RETURN_ONLY_CHANNEL {
             let Some(request_id) = request_id else {
-                log::warn!("streamed reply {topic} from {origin} without sm__ri dropped");
+                log::warn!(
+                    "streamed reply {} from {} without sm__ri dropped",
+                    Bounded(&topic),
+                    Bounded(&origin)
+                );
                 return Ok(None);
             };
             headers.set_payload_len(blob_len);
@@ -639,9 +745,9 @@ impl StreamReceiver {
         r: Refusal,
     ) -> StreamAction {
         log::warn!(
-            "endpoint {own}: stream {} from {:?} via {peer} refused: {}",
+            "endpoint {own}: stream {} from {} via {peer} refused: {}",
             c.stream_id,
-            headers.origin(),
+            Bounded(headers.origin().unwrap_or("")),
             r.message
         );
         let sm = vec![
@@ -764,6 +870,8 @@ mod tests {
             max_blob: 1 << 32,
             max_buffered: 1 << 32,
             max_open: 8,
+            idle_timeout: Duration::from_secs(60),
+            blocking_decode_min: 1 << 20,
         })
     }
 

@@ -6,8 +6,13 @@
 //!
 //! - **connections**: it listens (`tcp://host:port`, answering HELLO with READY) and/or connects
 //!   (sending HELLO, waiting for READY, reconnecting forever with back-off 1, 2, 4, 8, 10, 10 …
-//!   s). Peers are known by the endpoint name of their handshake; one connection per name, a
-//!   newer one evicts the older.
+//!   s). Peers are known by the endpoint name of their handshake (checked by NVFlare's rules,
+//!   see [`crate::limits`]); one connection per name. A newcomer claiming the name of a live
+//!   connection does not evict it: the live one is PINGed and evicted only if it does not
+//!   answer within [`WireConfig::name_probe_timeout`] (a half-open connection of a peer that
+//!   reconnects); otherwise the newcomer is closed. Accepted connections take a slot each
+//!   ([`WireConfig::max_connections`]); silent ones are recycled first
+//!   ([`WireConfig::max_silent_connections`]).
 //! - **sending**: a cell message is encoded (FOBS for values, raw bytes, or nothing, by NVFlare's
 //!   rule), stamped with this hop's `cn__from`/`cn__to`, and queued to the connection picked by
 //!   NVFlare's leaf route rule (a peer named as the destination, else the longest prefix of the
@@ -16,9 +21,13 @@
 //!   growing memory.
 //! - **receiving**: one reader task per connection decodes frames, answers PING with PONG,
 //!   answers `cellnet.channel`/`bye` with `ok`, and hands cell messages to the local cell named
-//!   by `cn__destination` (awaiting its mailbox: back-pressure reaches TCP). Streamed messages
+//!   by `cn__destination`. A request takes a permit from its connection's budget
+//!   ([`WireConfig::max_inflight_requests`], [`WireConfig::max_inflight_bytes`]) that the cell
+//!   gives back when its handler has finished; without one the reader waits, so back-pressure
+//!   reaches TCP. Big payloads are decoded on tokio's blocking pool. Streamed messages
 //!   (`sm__STREAM`) are reassembled and acknowledged by the endpoint; the reply to a streamed
-//!   request leaves as a stream on `return_only`, as the Python requester expects.
+//!   request leaves as a stream on `return_only`, as the Python requester expects. A stream
+//!   that receives nothing for [`WireConfig::stream_idle_timeout`] is dropped.
 //! - **relaying** ([`WireConfig::forwarding`], on by default, as in NVFlare): a message for a cell
 //!   that is not hosted here is passed on, undecoded, to the next hop of the route rule (a peer
 //!   named as the destination, else its longest prefix that is a peer, else `server`, else this
@@ -57,13 +66,14 @@ use std::time::Duration;
 
 use actix::Recipient;
 use bytes::{Buf, Bytes};
+use fedrun_cell::InboundPermit;
 use fedrun_cell::{header, CellError, CellMessage, Deliver, Fqcn, Headers, MsgType, Transport};
 use fedrun_core::{CellReturnCode, Map, Value};
 use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -73,9 +83,9 @@ use crate::error::WireError;
 use crate::frame::{
     epoch_secs, Frame, FrameType, HandshakeInfo, APP_ID_CELLNET, MAX_FRAME_SIZE, STREAM_ID_BASE,
 };
-use crate::message::{
-    encode_payload_body_with, frame_from_message, message_from_frame, take_ref_datums,
-};
+use crate::inbound::{decode_frame, InFlight, SlotGuard, Slots};
+use crate::limits::{check_endpoint_name, default_max_connections, Bounded};
+use crate::message::{encode_payload_body_with, frame_from_message, take_ref_datums};
 use crate::stream::{
     key as stream_key, DataType, StreamMessage, STREAM_CHANNEL, TOPIC_ACK, TOPIC_ERROR,
 };
@@ -85,6 +95,10 @@ use crate::stream_rx::{
 use crate::stream_tx::{ChunkParams, MessageChunks, StreamSendConfig, StreamSender, Transmission};
 use crate::tls::{TlsConnector, TlsListener};
 use crate::tls_conn::{auth_failure, Conn, ConnRead, ConnWrite, TlsSide};
+
+// secure messages (`cn__secure`): a child module, so that the hooks here stay one line each
+#[path = "secure.rs"]
+pub(crate) mod secure;
 
 /// The channel of CellNet's own control messages.
 pub const CELLNET_CHANNEL: &str = "cellnet.channel";
@@ -104,6 +118,10 @@ const CONTROL_QUEUE_CAPACITY: usize = 256;
 pub const HANDSHAKE_MAX_FRAME_SIZE: usize = 4 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Newcomers that may try in a row to take a name whose connection keeps changing under them.
+const NAME_CLAIM_ATTEMPTS: usize = 3;
+/// The shortest period of the check for idle streams.
+const MIN_STREAM_EXPIRY_TICK: Duration = Duration::from_millis(10);
 
 /// Settings of a [`TcpTransport`]. The defaults are NVFlare's.
 ///
@@ -161,6 +179,44 @@ pub struct WireConfig {
     /// message it sends, and its server root checks them on everything it passes on
     /// (`secure_train`). A value already set on a frame is replaced.
     pub outgoing_headers: Vec<(String, String)>,
+    /// The most connections accepted at once, from `accept` until they close, handshaking or
+    /// not. Default: the soft `RLIMIT_NOFILE` less a reserve of a quarter of it (at least 32),
+    /// so that `accept` never runs out of descriptors ([`default_max_connections`]). When all
+    /// are taken, the connection silent the longest (no DATA frame yet) is closed to make room;
+    /// if none is silent, the newcomer is closed. Connections this endpoint opens take none.
+    pub max_connections: usize,
+    /// The most accepted connections that have finished their handshake but sent no DATA frame
+    /// yet (half of `max_connections` by default); beyond it the longest-silent one is closed.
+    /// PINGs do not count as traffic: NVFlare peers PING every connection idle for 60 s.
+    pub max_silent_connections: usize,
+    /// When set, an accepted connection that sends no DATA frame this long after its handshake
+    /// is closed. Off by default: a legitimate peer may stay quiet (an admin console waiting
+    /// for its user), and the caps above already recycle silent connections under pressure.
+    pub silent_timeout: Option<Duration>,
+    /// How long the live connection of a name is given to answer a PING when a newcomer claims
+    /// that name (3 s). Answered: the newcomer is refused; not answered: the old connection is
+    /// taken for half-open and replaced.
+    pub name_probe_timeout: Duration,
+    /// The most requests read from one connection that may be in the hands of this endpoint's
+    /// cells at once (64); the reader stops reading that connection until one is done.
+    pub max_inflight_requests: usize,
+    /// The most payload bytes of the requests of [`WireConfig::max_inflight_requests`] (256
+    /// MiB, at most 4 GiB − 1); a bigger request waits until it can be served alone.
+    pub max_inflight_bytes: u64,
+    /// A stream being received that gets no chunk for this long is dropped (120 s, twice the
+    /// sender's ACK timeout: its sender has given up by then).
+    pub stream_idle_timeout: Duration,
+    /// Payloads (and reassembled streams) of at least this many bytes are FOBS-decoded on
+    /// tokio's blocking pool instead of an executor thread (1 MiB).
+    pub blocking_decode_min: usize,
+    /// Credentials for NVFlare's end-to-end secure messages (`cn__secure`): the cell's key,
+    /// certificate and root CA, usually loaded from its startup kit
+    /// ([`fedrun_secure::CellCredentials::from_startup_kit`]). With them, a message a local
+    /// cell sends with `secure` is encrypted for its destination (after a certificate
+    /// exchange) and encrypted messages for local cells are opened; without them (the
+    /// default) a secure send fails with `authentication_error` and is never sent in clear,
+    /// and a peer's key exchange is answered with `cert_error`.
+    pub secure: Option<Arc<fedrun_secure::CellCredentials>>,
 }
 
 impl Default for WireConfig {
@@ -179,6 +235,15 @@ impl Default for WireConfig {
             stream_send: StreamSendConfig::default(),
             forwarding: true,
             outgoing_headers: Vec::new(),
+            max_connections: default_max_connections(),
+            max_silent_connections: (default_max_connections() / 2).max(1),
+            silent_timeout: None,
+            name_probe_timeout: Duration::from_secs(3),
+            max_inflight_requests: 64,
+            max_inflight_bytes: 256 * 1024 * 1024,
+            stream_idle_timeout: Duration::from_secs(120),
+            blocking_decode_min: 1024 * 1024,
+            secure: None,
         }
     }
 }
@@ -269,6 +334,8 @@ pub(crate) struct Link {
     /// there, so that they do not wait behind a window of queued chunks.
     control: mpsc::Sender<Outbound>,
     cancel: CancellationToken,
+    /// Notified whenever a frame arrives on the connection (answers a liveness probe).
+    heard: Arc<Notify>,
 }
 
 pub(crate) struct Inner {
@@ -284,6 +351,9 @@ pub(crate) struct Inner {
     /// Goodbyes of [`TcpTransport::shutdown`] waiting for the peer's answer, by request id.
     bye_waiters: Mutex<HashMap<String, oneshot::Sender<()>>>,
     sender: StreamSender,
+    /// The slots of accepted connections.
+    slots: Arc<Slots>,
+    pub(crate) secure: secure::SecureLink,
 }
 
 /// An NVFlare endpoint on TCP: the [`Transport`] of the cells of one fedrun process.
@@ -354,9 +424,17 @@ impl TcpTransport {
             max_blob: config.max_stream_blob,
             max_buffered: config.max_stream_buffer,
             max_open: config.max_open_streams,
+            idle_timeout: config.stream_idle_timeout,
+            blocking_decode_min: config.blocking_decode_min,
         });
+        let slots = Slots::new(
+            own.clone(),
+            config.max_connections,
+            config.max_silent_connections,
+        );
+        let creds = config.secure.clone();
         TcpTransport {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
                 own,
                 config,
                 cells: RwLock::new(HashMap::new()),
@@ -367,6 +445,8 @@ impl TcpTransport {
                 streams,
                 bye_waiters: Mutex::new(HashMap::new()),
                 sender: StreamSender::new(),
+                slots,
+                secure: secure::SecureLink::new(creds, me.clone()),
             }),
         }
     }
@@ -503,6 +583,14 @@ impl TcpTransport {
     /// Whether a live connection to `peer` exists.
     pub fn is_connected(&self, peer: &Fqcn) -> bool {
         self.inner.is_connected(peer)
+    }
+
+    /// A receiver that is marked changed whenever a peer connects or its connection ends (the
+    /// value is only a generation counter: read [`TcpTransport::peers`] or
+    /// [`TcpTransport::is_connected`] after each change). Lets a server notice a client job
+    /// whose connection closed, and whether it came back.
+    pub fn peer_changes(&self) -> watch::Receiver<u64> {
+        self.inner.peers_changed.subscribe()
     }
 
     /// Waits until `peer` is connected (handshake done), at most `timeout`; returns whether it
@@ -699,7 +787,7 @@ impl Inner {
             }
         };
         if let Some(cell) = self.local_cell(&dest) {
-            return cell.send(Deliver(msg)).await.map_err(|e| {
+            return cell.send(Deliver::new(msg)).await.map_err(|e| {
                 log::debug!("endpoint {}: local cell {dest} gone ({e})", self.own);
                 CellReturnCode::TargetUnreachable
             });
@@ -737,11 +825,11 @@ impl Inner {
             );
             CellReturnCode::CommError
         })?;
-        if self
-            .config
-            .stream_send
-            .wants_stream_with_refs(&msg.headers, body.len(), has_refs)
-        {
+        if self.config.stream_send.wants_stream_with_refs(
+            &msg.headers,
+            body.len(),
+            has_refs || secure::must_stream(&msg.headers, encoding),
+        ) {
             return self
                 .stream_out(&msg.headers, encoding, body, &dest, &peer, &link)
                 .await
@@ -758,6 +846,10 @@ impl Inner {
                 msg.headers.topic().unwrap_or("")
             );
         }
+        let body = self
+            .seal_body(&mut msg.headers, body, &dest)
+            .await
+            .map_err(|e| send_error_code(&e))?;
         self.stamp_hop(&mut msg.headers, &peer);
         msg.headers.set_payload_encoding(encoding);
         msg.headers.set_payload_len(body.len() as u64);
@@ -818,6 +910,9 @@ impl Inner {
         let wants_reply = logical.msg_type() == Some(MsgType::Req)
             && logical.reply_expected() == Some(true)
             && logical.get(header::REQ_ID).is_some();
+        let sealer = self
+            .chunk_sealer(logical, logical.origin().unwrap_or(self.own.as_str()), dest)
+            .await?;
         let request_id = wants_reply.then(|| uuid::Uuid::new_v4().to_string());
         let size = body.len() as u64;
         let chunks = MessageChunks::new(
@@ -853,6 +948,7 @@ impl Inner {
                 logical.channel().unwrap_or(""),
                 logical.topic().unwrap_or("")
             ),
+            seal: sealer.as_ref(),
         };
         let result = self
             .sender
@@ -907,6 +1003,15 @@ impl Inner {
             .iter()
             .map(|c| c.payload.as_bytes().map_or(0, |b| b.len() as u64))
             .sum();
+        // the reply to a secure request is sealed for the requester, chunk by chunk
+        let sealer = self
+            .chunk_sealer(
+                &reply.headers,
+                reply.headers.origin().unwrap_or(self.own.as_str()),
+                &requester,
+            )
+            .await
+            .map_err(|e| send_error_code(&e))?;
         let t = Transmission {
             own: &self.own,
             peer: &peer,
@@ -918,6 +1023,7 @@ impl Inner {
             window: cfg.window_size,
             ack_timeout: cfg.ack_timeout,
             what: format!("reply to {}", pending.describe()),
+            seal: sealer.as_ref(),
         };
         self.sender
             .transmit(&t, chunks.into_iter(), |h| self.stamp_hop(h, &peer))
@@ -938,7 +1044,7 @@ impl Inner {
             );
             return;
         };
-        if let Err(e) = cell.send(Deliver(reply)).await {
+        if let Err(e) = cell.send(Deliver::new(reply)).await {
             log::warn!(
                 "endpoint {}: streamed reply from {peer} for {requester} dropped: cell gone ({e})",
                 self.own
@@ -1018,8 +1124,18 @@ impl Inner {
         Some(h)
     }
 
-    /// Handles one decoded cell message that arrived from `peer`.
-    async fn handle_incoming(&self, peer: &Fqcn, msg: CellMessage, tx: &mpsc::Sender<Outbound>) {
+    /// Handles one decoded cell message that arrived from `peer` (`permit`: its share of the
+    /// connection's in-flight budget, taken by the reader for a request). A reassembled
+    /// streamed request takes its permit from `inflight` here, waiting for it unless the
+    /// connection is cancelled.
+    async fn handle_incoming(
+        &self,
+        peer: &Fqcn,
+        msg: CellMessage,
+        permit: InboundPermit,
+        conn: &ConnBudget<'_>,
+        tx: &mpsc::Sender<Outbound>,
+    ) {
         let h = &msg.headers;
         if h.channel() == Some(CELLNET_CHANNEL) && h.topic() == Some(BYE_TOPIC) {
             self.answer_bye(peer, &msg, tx).await;
@@ -1031,7 +1147,9 @@ impl Inner {
                 self.sender.on_control(&self.own, peer, &msg);
                 return;
             }
-            for action in self.streams.on_message(&self.own, peer, msg) {
+            let mut actions: std::collections::VecDeque<StreamAction> =
+                self.streams.on_message(&self.own, peer, msg).into();
+            while let Some(action) = actions.pop_front() {
                 match action {
                     StreamAction::Control(headers) => {
                         let copy = error_pair(&headers);
@@ -1040,7 +1158,31 @@ impl Inner {
                             self.queue_answer(peer, copy, tx).await;
                         }
                     }
-                    StreamAction::Deliver(msg) => self.deliver_local(peer, msg, tx).await,
+                    StreamAction::Decode(done) => {
+                        // decoded outside the receiver's lock (and off the executor when big)
+                        if let Some(next) = self.streams.finish(&self.own, peer, done).await {
+                            actions.push_front(next);
+                        }
+                    }
+                    StreamAction::Deliver(msg) => {
+                        let len = msg.headers.payload_len().unwrap_or(0);
+                        let len = usize::try_from(len).unwrap_or(usize::MAX);
+                        let permit = tokio::select! {
+                            biased;
+                            () = conn.cancel.cancelled() => {
+                                log::warn!(
+                                    "endpoint {}: streamed {}/{} from {peer} dropped: \
+                                     connection closed while waiting for the in-flight budget",
+                                    self.own,
+                                    Bounded(msg.headers.channel().unwrap_or("")),
+                                    Bounded(msg.headers.topic().unwrap_or(""))
+                                );
+                                return;
+                            }
+                            p = conn.inflight.acquire(len) => p,
+                        };
+                        self.deliver_local(peer, msg, permit, tx).await;
+                    }
                     StreamAction::Reply { request_id, reply } => {
                         self.deliver_stream_reply(peer, &request_id, reply).await;
                     }
@@ -1048,21 +1190,23 @@ impl Inner {
             }
             return;
         }
-        self.deliver_local(peer, msg, tx).await;
+        self.deliver_local(peer, msg, permit, tx).await;
     }
 
-    /// Hands a message to the local cell it is addressed to, or answers `return`.
+    /// Hands a message to the local cell it is addressed to (with its in-flight `permit`, held
+    /// by the cell until it is done with it), or answers `return`.
     pub(crate) async fn deliver_local(
         &self,
         peer: &Fqcn,
         msg: CellMessage,
+        permit: InboundPermit,
         tx: &mpsc::Sender<Outbound>,
     ) {
         let dest = msg.headers.destination().and_then(|d| Fqcn::new(d).ok());
         let cell = dest.as_ref().and_then(|d| self.local_cell(d));
         match (dest, cell) {
             (Some(dest), Some(cell)) => {
-                if let Err(e) = cell.send(Deliver(msg)).await {
+                if let Err(e) = cell.send(Deliver(msg, permit)).await {
                     log::warn!(
                         "endpoint {}: message from {peer} for {dest} dropped: cell gone ({e})",
                         self.own
@@ -1116,12 +1260,12 @@ impl Inner {
         };
         log::log!(
             level,
-            "endpoint {}: {} from {peer} on {}/{} for {:?}: no such local cell",
+            "endpoint {}: {} from {peer} on {}/{} for {}: no such local cell",
             self.own,
             h.msg_type().map_or("message", |t| t.as_str()),
-            h.channel().unwrap_or(""),
-            h.topic().unwrap_or(""),
-            h.destination()
+            Bounded(h.channel().unwrap_or("")),
+            Bounded(h.topic().unwrap_or("")),
+            Bounded(h.destination().unwrap_or(""))
         );
         self.answer_return(peer, h, tx).await;
     }
@@ -1198,8 +1342,8 @@ impl Inner {
         log::trace!(
             "endpoint {}: relaying {}/{} from {peer} for {dest} via {next}",
             self.own,
-            h.channel().unwrap_or(""),
-            h.topic().unwrap_or("")
+            Bounded(h.channel().unwrap_or("")),
+            Bounded(h.topic().unwrap_or(""))
         );
         frame.headers = Some(h);
         let queue = if answer { &link.control } else { &link.tx };
@@ -1238,12 +1382,12 @@ impl Inner {
         };
         log::log!(
             level,
-            "endpoint {}: {} from {peer} (origin {:?}) on {}/{} for {dest} not relayed: {why}",
+            "endpoint {}: {} from {peer} (origin {}) on {}/{} for {dest} not relayed: {why}",
             self.own,
             h.msg_type().map_or("message", |t| t.as_str()),
-            h.origin(),
-            h.channel().unwrap_or(""),
-            h.topic().unwrap_or("")
+            Bounded(h.origin().unwrap_or("")),
+            Bounded(h.channel().unwrap_or("")),
+            Bounded(h.topic().unwrap_or(""))
         );
         if h.channel() == Some(STREAM_CHANNEL) {
             if let Some(error) = self.relay_stream_error(peer, &h, dest, why) {
@@ -1337,35 +1481,34 @@ impl Inner {
 
     /// Registers a handshaken connection, runs it to its end, and unregisters it.
     /// `accepted`: the peer connected to this endpoint (it is a child: see
-    /// [`Inner::forged_origin`]); otherwise this endpoint connected to it (a parent).
+    /// [`Inner::forged_origin`]), with its slot and address; otherwise this endpoint connected
+    /// to it (a parent). A name already held by a live connection is not taken over (see
+    /// [`Inner::claim_name`]).
     async fn run_connection(
         self: Arc<Self>,
         peer: Fqcn,
         reader: Reader,
         writer: Writer,
-        accepted: bool,
+        accepted: Option<Accepted>,
     ) {
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let cancel = self.shutdown.child_token();
+        let cancel = match &accepted {
+            Some(a) => a.slot.cancel.clone(),
+            None => self.shutdown.child_token(),
+        };
         let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_CAPACITY);
+        let heard = Arc::new(Notify::new());
         let link = Link {
             conn_id,
             tx: tx.clone(),
             control: control_tx.clone(),
             cancel: cancel.clone(),
+            heard: Arc::clone(&heard),
         };
-        let evicted = self
-            .peers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(peer.clone(), link);
-        if let Some(old) = evicted {
-            log::info!(
-                "endpoint {}: new connection from {peer} replaces the older one",
-                self.own
-            );
-            old.cancel.cancel();
+        let addr = accepted.as_ref().map(|a| a.addr);
+        if !self.claim_name(&peer, link, addr, &cancel).await {
+            return;
         }
         self.peers_changed.send_modify(|g| *g += 1);
         log::info!("endpoint {}: connected to {peer}", self.own);
@@ -1382,10 +1525,20 @@ impl Inner {
                 outgoing_headers: Arc::from(self.config.outgoing_headers.clone()),
             },
         ));
+        let inflight = InFlight::new(
+            self.config.max_inflight_requests,
+            self.config.max_inflight_bytes,
+        );
+        let conn = ReadContext {
+            slot: accepted.as_ref().map(|a| &a.slot),
+            heard: &heard,
+            budget: ConnBudget {
+                inflight: &inflight,
+                cancel: &cancel,
+            },
+        };
         // everything the reader sends is an answer: it goes on the control queue
-        let outcome = self
-            .read_loop(&peer, accepted, reader, &control_tx, &cancel)
-            .await;
+        let outcome = self.read_loop(&peer, reader, &control_tx, conn).await;
         cancel.cancel();
         {
             let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
@@ -1410,23 +1563,122 @@ impl Inner {
         }
     }
 
-    /// Reads frames until the peer closes, an error occurs, or the connection is cancelled.
+    /// Registers `link` as the connection of `peer`. A live connection already registered
+    /// under that name is kept if it answers a PING within
+    /// [`WireConfig::name_probe_timeout`]: the newcomer is then refused (false; logged with the
+    /// claimed name and the newcomer's address). Only a connection that does not answer (a
+    /// half-open one, whose peer is reconnecting) is closed and replaced.
+    async fn claim_name(
+        &self,
+        peer: &Fqcn,
+        link: Link,
+        addr: Option<SocketAddr>,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let from = addr.map_or_else(
+            || "a connection this endpoint opened".to_owned(),
+            |a| a.to_string(),
+        );
+        for _ in 0..NAME_CLAIM_ATTEMPTS {
+            let old = {
+                let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
+                match peers.get(peer) {
+                    Some(old) if !old.cancel.is_cancelled() => old.clone(),
+                    _ => {
+                        peers.insert(peer.clone(), link);
+                        return true;
+                    }
+                }
+            };
+            let answered = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return false,
+                answered = self.probe(&old) => answered,
+            };
+            if answered {
+                log::warn!(
+                    "endpoint {}: connection from {from} claiming the name {peer} refused: the \
+                     live connection of {peer} answers",
+                    self.own
+                );
+                return false;
+            }
+            let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
+            if peers.get(peer).is_some_and(|l| l.conn_id == old.conn_id) {
+                log::warn!(
+                    "endpoint {}: the connection of {peer} did not answer a PING within {:?}; \
+                     replaced by the new one from {from}",
+                    self.own,
+                    self.config.name_probe_timeout
+                );
+                old.cancel.cancel();
+                peers.insert(peer.clone(), link);
+                return true;
+            }
+            // the name changed hands meanwhile: look again
+        }
+        log::warn!(
+            "endpoint {}: connection from {from} claiming the name {peer} refused: the name \
+             keeps changing hands",
+            self.own
+        );
+        false
+    }
+
+    /// PINGs a registered connection; true if anything arrives on it within
+    /// [`WireConfig::name_probe_timeout`].
+    async fn probe(&self, link: &Link) -> bool {
+        let heard = link.heard.notified();
+        tokio::pin!(heard);
+        heard.as_mut().enable();
+        let ping = Outbound {
+            frame: Frame::ping(),
+            body: None,
+            done: None,
+        };
+        if let Err(mpsc::error::TrySendError::Closed(_)) = link.control.try_send(ping) {
+            return false;
+        }
+        // a full answer queue means the connection is busy: its traffic answers the probe
+        tokio::select! {
+            () = link.cancel.cancelled() => false,
+            r = tokio::time::timeout(self.config.name_probe_timeout, heard) => r.is_ok(),
+        }
+    }
+
+    /// Reads frames until the peer closes, an error occurs, or the connection is cancelled;
+    /// PINGs the peer when nothing arrived for [`WireConfig::heartbeat_interval`] and drops
+    /// its streams idle for [`WireConfig::stream_idle_timeout`].
     async fn read_loop(
         &self,
         peer: &Fqcn,
-        accepted: bool,
         mut reader: Reader,
         tx: &mpsc::Sender<Outbound>,
-        cancel: &CancellationToken,
+        conn: ReadContext<'_>,
     ) -> Result<(), WireError> {
+        let cancel = conn.budget.cancel;
+        let heartbeat = self.config.heartbeat_interval;
+        let mut idle_deadline = tokio::time::Instant::now() + heartbeat;
+        let tick = (self.config.stream_idle_timeout / 2).max(MIN_STREAM_EXPIRY_TICK);
+        let mut expiry = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut silent_deadline = conn
+            .slot
+            .and(self.config.silent_timeout)
+            .map(|t| (tokio::time::Instant::now() + t, t));
+        let mut active = conn.slot.is_none();
         loop {
+            let silent_until = async {
+                match silent_deadline {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Ok(()),
-                r = tokio::time::timeout(self.config.heartbeat_interval, reader.next()) => r,
-            };
-            let frame = match next {
-                Err(_idle) => {
+                r = reader.next() => r,
+                () = tokio::time::sleep_until(idle_deadline) => {
                     log::debug!("endpoint {}: {peer} silent, sending PING", self.own);
                     // try_send: a full queue means frames are flowing, no PING needed.
                     let _ = tx.try_send(Outbound {
@@ -1434,24 +1686,49 @@ impl Inner {
                         body: None,
                         done: None,
                     });
+                    idle_deadline = tokio::time::Instant::now() + heartbeat;
                     continue;
                 }
-                Ok(None) => return Ok(()),
-                Ok(Some(Err(e))) => return Err(e),
-                Ok(Some(Ok(frame))) => frame,
+                _ = expiry.tick() => {
+                    self.streams.expire_idle(&self.own, peer.as_str());
+                    continue;
+                }
+                () = silent_until => {
+                    let t = silent_deadline.map(|(_, t)| t).unwrap_or_default();
+                    log::warn!(
+                        "endpoint {}: {peer} sent no DATA frame within {t:?} of its handshake; \
+                         closing",
+                        self.own
+                    );
+                    return Ok(());
+                }
             };
+            idle_deadline = tokio::time::Instant::now() + heartbeat;
+            let frame = match next {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => frame,
+            };
+            conn.heard.notify_waiters();
             match frame.frame_type {
                 FrameType::Data if frame.app_id == APP_ID_CELLNET => {
-                    if accepted {
+                    if !active {
+                        active = true;
+                        silent_deadline = None;
+                        if let Some(slot) = conn.slot {
+                            slot.activated();
+                        }
+                    }
+                    if conn.slot.is_some() {
                         if let Some(why) = self.forged_origin(peer, &frame) {
                             let h = frame.headers.as_ref();
                             log::warn!(
-                                "endpoint {}: frame from {peer} refused ({why}): channel {:?} \
-                                 topic {:?} for {:?}",
+                                "endpoint {}: frame from {peer} refused ({why}): channel {} \
+                                 topic {} for {}",
                                 self.own,
-                                h.and_then(Headers::channel).unwrap_or(""),
-                                h.and_then(Headers::topic).unwrap_or(""),
-                                h.and_then(Headers::destination).unwrap_or("")
+                                Bounded(h.and_then(Headers::channel).unwrap_or("")),
+                                Bounded(h.and_then(Headers::topic).unwrap_or("")),
+                                Bounded(h.and_then(Headers::destination).unwrap_or(""))
                             );
                             continue;
                         }
@@ -1465,8 +1742,22 @@ impl Inner {
                         }
                         continue;
                     }
-                    let msg = message_from_frame(frame)?;
-                    self.handle_incoming(peer, msg, tx).await;
+                    let Some(frame) = self.open_incoming(peer, frame, tx).await else {
+                        continue;
+                    };
+                    let permit = if needs_permit(&frame) {
+                        // no room in the budget: stop reading (TCP slows the peer down)
+                        tokio::select! {
+                            biased;
+                            () = cancel.cancelled() => return Ok(()),
+                            p = conn.budget.inflight.acquire(frame.payload.len()) => p,
+                        }
+                    } else {
+                        InboundPermit::none()
+                    };
+                    let msg = decode_frame(frame, self.config.blocking_decode_min).await?;
+                    self.handle_incoming(peer, msg, permit, &conn.budget, tx)
+                        .await;
                 }
                 FrameType::Data => log::warn!(
                     "endpoint {}: DATA frame for app {} from {peer} dropped (no such app)",
@@ -1493,6 +1784,40 @@ impl Inner {
     }
 }
 
+/// Whether a DATA frame to be handled here takes a permit of the in-flight budget: a request
+/// for a cell (also fire-and-forget). Replies and returns only complete a waiting request of
+/// this process; stream chunks are bounded by the stream receiver (the reassembled request
+/// takes its permit then); goodbyes are answered by the reader itself.
+fn needs_permit(frame: &Frame) -> bool {
+    let Some(h) = frame.headers.as_ref() else {
+        return false;
+    };
+    h.msg_type() == Some(MsgType::Req)
+        && h.channel() != Some(STREAM_CHANNEL)
+        && !(h.channel() == Some(CELLNET_CHANNEL) && h.topic() == Some(BYE_TOPIC))
+}
+
+/// An accepted connection's slot and the peer's address.
+struct Accepted {
+    slot: SlotGuard,
+    addr: SocketAddr,
+}
+
+/// A connection's in-flight budget and its cancellation, as the reader's helpers see them.
+struct ConnBudget<'a> {
+    inflight: &'a InFlight,
+    cancel: &'a CancellationToken,
+}
+
+/// What the reader of one connection works with besides the socket.
+struct ReadContext<'a> {
+    /// The slot of an accepted connection (`None`: this endpoint opened it).
+    slot: Option<&'a SlotGuard>,
+    /// Notified on every frame (a liveness probe waits on it).
+    heard: &'a Notify,
+    budget: ConnBudget<'a>,
+}
+
 impl Inner {
     /// Why a frame that arrived on a connection the peer opened to this endpoint does not come
     /// from that peer, if it does not.
@@ -1514,7 +1839,8 @@ impl Inner {
                 .is_some_and(|rest| rest.starts_with('.'));
         if !under_peer {
             return Some(format!(
-                "it claims origin {origin:?}, outside its own branch"
+                "it claims origin {}, outside its own branch",
+                Bounded(origin)
             ));
         }
         let hosted = origin == self.own.as_str()
@@ -1543,6 +1869,9 @@ fn send_error_code(e: &WireError) -> CellReturnCode {
     match e {
         WireError::InvalidDestination(_) => CellReturnCode::InvalidTarget,
         WireError::NoRoute(_) => CellReturnCode::TargetUnreachable,
+        WireError::SecureUnavailable | WireError::Secure { .. } | WireError::KeyExchange { .. } => {
+            CellReturnCode::AuthenticationError
+        }
         _ => CellReturnCode::CommError,
     }
 }
@@ -1716,7 +2045,8 @@ async fn handshake(
                 got: first.frame_type.name(),
             });
         }
-        let peer = HandshakeInfo::decode(&first.payload)?.endpoint()?;
+        // NVFlare's name rules and a length bound, before the name is used or logged
+        let peer = check_endpoint_name(&HandshakeInfo::decode(&first.payload)?.endpoint_name)?;
         if peer == inner.own {
             return Err(WireError::SelfConnection(peer.to_string()));
         }
@@ -1746,12 +2076,27 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, tls: Option<TlsSi
         };
         match accepted {
             Ok((stream, addr)) => {
+                // a slot for every accepted socket, so that `accept` never runs out of
+                // descriptors; `None` (logged) closes the newcomer
+                let Some(slot) = inner.slots.admit(addr, &inner.shutdown) else {
+                    drop(stream);
+                    continue;
+                };
                 let inner = Arc::clone(&inner);
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    match handshake(&inner, stream, tls.as_ref(), false).await {
+                    let handshaken = tokio::select! {
+                        biased;
+                        () = slot.cancel.cancelled() => return,
+                        r = handshake(&inner, stream, tls.as_ref(), false) => r,
+                    };
+                    match handshaken {
                         Ok((peer, reader, writer)) => {
-                            inner.run_connection(peer, reader, writer, true).await;
+                            slot.handshaken(&peer);
+                            let accepted = Accepted { slot, addr };
+                            inner
+                                .run_connection(peer, reader, writer, Some(accepted))
+                                .await;
                         }
                         Err(e) => log::warn!(
                             "endpoint {}: handshake with {addr} failed, connection closed: {e}",
@@ -1797,7 +2142,7 @@ async fn connect_loop(inner: Arc<Inner>, url: TcpUrl, tls: Option<TlsSide>) {
                 delay = initial;
                 let connected = tokio::time::Instant::now();
                 Arc::clone(&inner)
-                    .run_connection(peer.clone(), reader, writer, false)
+                    .run_connection(peer.clone(), reader, writer, None)
                     .await;
                 if crate::tls_conn::refused_after_ready(tls.as_ref(), connected.elapsed())
                     && !inner.shutdown.is_cancelled()
@@ -1901,6 +2246,7 @@ mod tests {
                 control: tx.clone(),
                 tx,
                 cancel: CancellationToken::new(),
+                heard: Arc::new(Notify::new()),
             };
             t.inner
                 .peers

@@ -433,19 +433,47 @@ async fn undecodable_payload_closes_the_connection() {
 }
 
 #[actix::test]
-async fn newer_connection_with_the_same_endpoint_name_evicts_the_older() {
+async fn a_newcomer_claiming_a_live_peers_name_is_refused_and_only_a_half_open_one_is_replaced() {
     let p = pair().await;
     let mut first = raw_connect(p.addr).await;
     raw_hello(&mut first, "site-4").await;
+    // the first connection answers PINGs until told to stop, then goes quiet (half open)
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let responder = tokio::spawn(async move {
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return first,
+                f = first.next() => match f {
+                    Some(Ok(f)) if f.frame_type == FrameType::Ping => {
+                        first.send(Frame::pong()).await.unwrap();
+                    }
+                    Some(Ok(_)) => {}
+                    _ => panic!("the live connection was closed"),
+                },
+            }
+        }
+    });
     let mut second = raw_connect(p.addr).await;
+    raw_hello(&mut second, "site-4").await;
+    expect_closed(&mut second).await;
+    assert!(!responder.is_finished(), "the live connection is kept");
+
+    stop.send(()).unwrap();
+    let mut first = responder.await.unwrap();
+    let mut third = raw_connect(p.addr).await;
     assert_eq!(
-        raw_hello(&mut second, "site-4").await.frame_type,
+        raw_hello(&mut third, "site-4").await.frame_type,
         FrameType::Ready
     );
+    // the silent one is taken for half open and replaced by the newcomer
     expect_closed(&mut first).await;
-    // the newer one is the live one
-    second.send(Frame::ping()).await.unwrap();
-    assert_eq!(next_frame(&mut second).await.frame_type, FrameType::Pong);
+    third.send(Frame::ping()).await.unwrap();
+    loop {
+        if next_frame(&mut third).await.frame_type == FrameType::Pong {
+            break;
+        }
+    }
     assert!(p.server_net.is_connected(&fqcn("site-4")));
     p.shutdown().await;
 }

@@ -183,6 +183,7 @@ pub async fn run_job(args: WorkerArgs, options: JobOptions) -> Result<JobReport,
 
     let config = WireConfig {
         outgoing_headers: auth_headers(&args),
+        secure: startup::secure_credentials(&args.startup, &args.fed_client)?,
         // a client job is a leaf: it relays nothing
         forwarding: false,
         ..WireConfig::default()

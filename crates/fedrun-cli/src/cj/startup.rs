@@ -54,6 +54,9 @@ pub enum StartupError {
     /// The kit's TLS settings or credentials cannot be used.
     #[error("TLS with the startup kit: {0}")]
     Tls(#[source] fedrun_wire::WireError),
+    /// The kit has credentials for secure messages that cannot be used.
+    #[error("the startup kit's credentials for secure messages cannot be used: {0}")]
+    Credentials(#[source] fedrun_secure::SecureError),
     /// The parent connection asks for something fedrun does not speak.
     #[error("the parent connection {url} (security {security:?}) is not clear TCP: fedrun's wire does not speak it yet")]
     UnsupportedParent {
@@ -272,6 +275,30 @@ pub fn check_parent(url: &str, security: &str) -> Result<(), StartupError> {
     }
 }
 
+/// The site's credentials for NVFlare's secure messages (`cn__secure`), when its startup kit
+/// has them: `rootCA.pem` and the site's certificate and key (`client.crt`/`client.key`, or
+/// the paths `fed_client.json` names; `server.crt`/`server.key` when present, as NVFlare
+/// prefers), with the server's identity (`servers[0].identity`) for the certificate binding.
+/// A kit without them gives `None`: secure sends then fail loudly, never in clear.
+///
+/// # Errors
+///
+/// [`StartupError::Credentials`] when the kit has the files but they cannot be used (a bad
+/// key, a certificate that does not match it, a key that is not 2048-bit RSA).
+pub fn secure_credentials(
+    startup: &Path,
+    fed_client: &str,
+) -> Result<Option<std::sync::Arc<fedrun_secure::CellCredentials>>, StartupError> {
+    let has = |f: &str| startup.join(f).exists();
+    let pair = (has("client.crt") && has("client.key")) || (has("server.crt") && has("server.key"));
+    if !(has("rootCA.pem") && pair) {
+        return Ok(None);
+    }
+    fedrun_secure::CellCredentials::from_startup_kit_with(startup, fed_client)
+        .map(|c| Some(std::sync::Arc::new(c)))
+        .map_err(StartupError::Credentials)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -391,5 +418,31 @@ mod tests {
             Err(StartupError::Tls(_))
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_kit_with_site_credentials_loads_them_for_secure_messages_and_one_without_gives_none() {
+        let kits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fedrun-secure/tests/data/kit");
+        let creds = secure_credentials(&kits.join("site-1"), "fed_client.json")
+            .unwrap()
+            .unwrap();
+        assert_eq!(creds.identity(), "site-1");
+        assert_eq!(creds.resolver().resolve("server.J1"), "server1");
+        assert!(secure_credentials(&kits, "fed_client.json")
+            .unwrap()
+            .is_none());
+        // present but unusable: site-1's certificate with site-2's key
+        let dir = std::env::temp_dir().join(format!("fedrun-kit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (from, to) in [
+            ("site-1/rootCA.pem", "rootCA.pem"),
+            ("site-1/client.crt", "client.crt"),
+            ("site-2/client.key", "client.key"),
+        ] {
+            std::fs::copy(kits.join(from), dir.join(to)).unwrap();
+        }
+        let r = secure_credentials(&dir, "fed_client.json");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(r, Err(StartupError::Credentials(_))), "{r:?}");
     }
 }
