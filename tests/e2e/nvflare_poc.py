@@ -23,7 +23,8 @@ Run by hand (with the stock worker behind the launcher):
         --cj-command "$PWD/target/debug/fedrun job"
 
 Modes: `clear` switches the kit to scheme tcp, connection_security clear, 127.0.0.1 and a free
-port; `default` leaves `nvflare poc prepare`'s kit (scheme http, mTLS) and only moves the server
+port; `mtls_tcp` switches it to scheme tcp and keeps mTLS (every CJ, fedrun's too, dials the
+server over TLS with the site's certificate, as in a provisioned tcp deployment); `default` leaves `nvflare poc prepare`'s kit (scheme http, mTLS) and only moves the server
 to 127.0.0.1 and a free port. In `default` the stock worker gets NVFLARE_BACKBONE_CONN_GEN=1 so that it
 reaches the server through its parent only (NVFlare's relay wiring); fedrun's CJ must find that
 route by itself (the harness then checks its log says so).
@@ -195,6 +196,8 @@ def prepare_kit(scratch, python, mode):
     if mode == "clear":
         s0["service"]["scheme"] = "tcp"
         s0["connection_security"] = "clear"
+    elif mode == "mtls_tcp":
+        s0["service"]["scheme"] = "tcp"
     write_json(srv_path, srv)
 
     for site in SITES:
@@ -204,6 +207,8 @@ def prepare_kit(scratch, python, mode):
         if mode == "clear":
             cli["servers"][0]["service"]["scheme"] = "tcp"
             cli["client"]["connection_security"] = "clear"
+        elif mode == "mtls_tcp":
+            cli["servers"][0]["service"]["scheme"] = "tcp"
         write_json(path, cli)
 
     adm_path = os.path.join(kit, ADMIN, "startup", "fed_admin.json")
@@ -213,6 +218,8 @@ def prepare_kit(scratch, python, mode):
     if mode == "clear":
         adm["admin"]["scheme"] = "tcp"
         adm["admin"]["connection_security"] = "clear"
+    elif mode == "mtls_tcp":
+        adm["admin"]["scheme"] = "tcp"
     write_json(adm_path, adm)
 
     # Keep the server's job store and snapshots inside the scratch dir (the default is a shared
@@ -566,6 +573,10 @@ def run(args, scratch, procs, result):
         # fedrun's CJ must see by itself that it cannot dial an http+mTLS server
         if "reaching the server through the parent" not in s1:
             errors.append("site-1: fedrun's CJ did not say it reaches the server through its parent")
+    if args.mode == "mtls_tcp" and not is_stock_worker(args.cj_command):
+        # a tcp kit with mTLS: fedrun's CJ dials the server itself, over TLS
+        if "over mtls" not in s1:
+            errors.append("site-1: fedrun's CJ did not say it connects to the server over mtls")
 
     if args.scenario in ("complete", "cross_val"):
         server_text = read_text(server_log) + read_text(os.path.join(kit, "server", job_id, "log.txt"))
@@ -685,7 +696,7 @@ def check_cross_val(files, result):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("clear", "default"), default="clear")
+    ap.add_argument("--mode", choices=("clear", "default", "mtls_tcp"), default="clear")
     ap.add_argument("--scenario", choices=("complete", "abort", "cross_val"), default="complete",
                     help="complete: hello-numpy SAG; abort: abort it during a task; "
                          "cross_val: SAG then CrossSiteModelEval (hello-numpy-cross-val)")

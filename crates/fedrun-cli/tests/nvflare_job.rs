@@ -289,6 +289,14 @@ fn job_completes_through_the_parent_on_the_default_mtls_kit() {
 }
 
 #[test]
+fn job_completes_over_mtls_straight_to_the_server_on_a_tcp_kit() {
+    let label = "(f) tcp + mTLS kit, CJ dials the server over TLS with the site's certificate";
+    if let Some(r) = run_scenario(label, &["--mode", "mtls_tcp", "--scenario", "complete"]) {
+        assert_completed(label, &r);
+    }
+}
+
+#[test]
 fn cross_site_validation_job_completes_with_fedrun_validating_and_submitting_its_model() {
     let label = "(e) clear tcp, cross-site validation";
     let Some(r) = run_scenario(label, &["--mode", "clear", "--scenario", "cross_val"]) else {
