@@ -230,18 +230,27 @@ fn handshake(fed: &Federation, name: &str) -> (Attacker, bool) {
 fn a_fobs_array_of_nils_after_hello_is_refused_without_memory_blowup_and_the_run_completes() {
     let mut fed = start(ServerSpec::default());
     let target = fed.job_cell("server");
+    // each variant on its own connection, under its own name
     let variants = [
-        ("8Mi-nils", nil_array(ROW1_NILS as u32, ROW1_NILS)),
-        ("600Mi-count-1MiB-body", nil_array(ROW1_DECLARED, MIB)),
+        (
+            "8Mi-nils",
+            "attacker-1a",
+            nil_array(ROW1_NILS as u32, ROW1_NILS),
+        ),
+        (
+            "600Mi-count-1MiB-body",
+            "attacker-1b",
+            nil_array(ROW1_DECLARED, MIB),
+        ),
     ];
     let mut seen = Vec::new();
-    for (label, payload) in variants {
+    for (label, name, payload) in variants {
         if fed.server.exited_yet().is_some() {
             break;
         }
-        let (mut a, ready) = handshake(&fed, "attacker-1");
+        let (mut a, ready) = handshake(&fed, name);
         let request = fobs_request(
-            "attacker-1",
+            name,
             &target,
             channel::SERVER_COMMAND,
             topic::GET_TASK,
@@ -552,11 +561,20 @@ fn an_impostor_hello_every_0_4_s_does_not_evict_the_live_site_and_the_run_comple
 fn a_client_killed_mid_round_ends_the_run_within_the_client_grace_and_the_survivor_reports_it() {
     // `--client-grace` is the fix's flag: a server without it fails to start, and this test
     // with it.
-    let mut fed = Federation::start(&ServerSpec {
+    let started = Federation::try_start(&ServerSpec {
         rounds: ROW7_ROUNDS,
         timeout_secs: ROW7_TIMEOUT_SECS,
         client_grace_secs: Some(ROW7_CLIENT_GRACE_SECS),
         ..ServerSpec::default()
+    });
+    let mut fed = started.unwrap_or_else(|why| {
+        let first = why.lines().find(|l| l.starts_with("error")).unwrap_or("");
+        attack_line(
+            7,
+            &Usage::default(),
+            &format!("server did not start: {first}"),
+        );
+        panic!("{why}")
     });
     let mut survivor = fed.client("site-1", ROW7_TIMEOUT_SECS);
     let mut victim = fed.client("site-2", ROW7_TIMEOUT_SECS);

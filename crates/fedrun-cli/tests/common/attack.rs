@@ -389,8 +389,15 @@ pub struct Federation {
 }
 
 impl Federation {
-    /// Starts the server and waits (with a deadline) for its `listening …` line.
+    /// Starts the server and waits (with a deadline) for its `listening …` line; panics if it
+    /// does not print one.
     pub fn start(spec: &ServerSpec) -> Federation {
+        Federation::try_start(spec).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// [`Federation::start`], with the reason as an error when the server printed no address
+    /// (e.g. it refused an option and exited).
+    pub fn try_start(spec: &ServerSpec) -> Result<Federation, String> {
         let job_id = format!("attack-{}", uuid::Uuid::new_v4());
         let workspace = std::env::temp_dir().join(format!("fedrun-{job_id}"));
         let mut args: Vec<String> = [
@@ -428,12 +435,15 @@ impl Federation {
             }
         };
         command.args(&args).env("RUST_LOG", "info");
-        let server = Proc::spawn("fedrun server", command);
-        assert!(
-            server.stdout().wait_for("\n", START_DEADLINE),
-            "the server printed no address within {START_DEADLINE:?}\n{}",
-            server.describe()
-        );
+        let mut server = Proc::spawn("fedrun server", command);
+        if !server.stdout().wait_for("\n", START_DEADLINE) {
+            server.kill_9();
+            server.wait_exit(DRAIN_DEADLINE);
+            return Err(format!(
+                "the server printed no address within {START_DEADLINE:?}\n{}",
+                server.describe()
+            ));
+        }
         let first = server
             .stdout()
             .text()
@@ -451,14 +461,14 @@ impl Federation {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("not a tcp:// address: {url}"));
         let sampler = Some(Sampler::start(server.pid()));
-        Federation {
+        Ok(Federation {
             server,
             addr,
             url,
             job_id,
             workspace,
             sampler,
-        }
+        })
     }
 
     /// Starts `fedrun client` for `site` (info logs: tests wait for its task lines).
