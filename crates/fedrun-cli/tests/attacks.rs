@@ -22,9 +22,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::attack::{
+use common::attack::{Federation, Proc, ServerSpec, Usage};
+use common::attacker::{
     fobs_request, forged_end_run, hello, hello_prefix_announcing, nil_array, Answer, Attacker,
-    Federation, Proc, ServerSpec, Usage,
 };
 use fedrun_cell::header;
 use fedrun_core::constants::{channel, topic};

@@ -1,6 +1,5 @@
-//! The attacker's harness for the process-level regression tests of issue #10 ("Hostile
-//! network", `tests/attacks.rs`): real `fedrun server` and `fedrun client` processes on
-//! loopback, raw connections that speak NVFlare's SFM wire without any credentials, and a
+//! The process side of the harness for the regression tests of issue #10 ("Hostile network",
+//! `tests/attacks.rs`): real `fedrun server` and `fedrun client` processes on loopback, and a
 //! measurement of what each attack cost the server process.
 //!
 //! - [`Federation`] starts `fedrun server` (optionally under a lowered descriptor limit), reads
@@ -12,28 +11,21 @@
 //! - [`Sampler`] reads `/proc/<pid>/status` (VmHWM, VmRSS) and counts `/proc/<pid>/fd` every
 //!   [`SAMPLE_PERIOD`]: the peak RSS and peak descriptor count quoted for each attack. Its
 //!   period is a measurement rate; nothing waits on it.
-//! - [`Attacker`] is a raw TCP connection that writes frames built with fedrun-wire's public
-//!   [`Frame`] type; the builders below make exactly the inputs of the issue's table.
+//! - The attacker's side, raw connections and the issue's frames, is in
+//!   [`super::attacker`].
 //!
 //! `FEDRUN_ATTACK_BIN=<path>` runs the suite against another `fedrun` binary (one built from an
 //! older commit, to see which attacks it falls to); by default it is this crate's binary.
 
 use std::ffi::OsString;
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{self, ErrorKind, Read};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
-use fedrun_cell::{header, CellMessage, Headers, MsgType, Payload, PayloadEncoding};
-use fedrun_core::constants::{channel, fl_ctx_key, reserved_topic};
-use fedrun_core::{Map, Shareable};
-use fedrun_fobs::lobs::{MARKER_MAIN, SECTION_HEADER_LEN};
-use fedrun_wire::{frame_from_message, Frame, HandshakeInfo, Prefix, PREFIX_LEN};
 
 /// How often the [`Sampler`] reads the server's memory and descriptors.
 pub const SAMPLE_PERIOD: Duration = Duration::from_millis(20);
@@ -44,8 +36,6 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// Output bytes kept per stream (the rest is only counted): a server that logs megabytes must
 /// not make the test hold them all.
 const KEPT_OUTPUT: usize = 1 << 20;
-/// The largest frame [`Attacker::next_frame`] reads from the server (its answers are small).
-const MAX_ANSWER_FRAME: usize = 64 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -233,15 +223,24 @@ impl Proc {
         }
     }
 
-    /// Sends SIGKILL to the process, by pid, unless its exit was already reported (its waiter
-    /// reaps it, so until then the pid is still this process's).
+    /// Sends SIGKILL to the process, by pid, unless its exit was already reported. Its waiter
+    /// thread is what reaps it, so the pid stays this process's until then; the only window in
+    /// which it could name another process is between that reap and its report, microseconds.
+    /// Never panics (it runs in `Drop`, also while a failed test unwinds).
     pub fn kill_9(&mut self) {
-        if self.exited_yet().is_none() {
-            let _ = Command::new("kill")
-                .args(["-9", &self.pid.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+        if self.status.is_some() {
+            return;
+        }
+        match self.exited.try_recv() {
+            Ok(Ok(status)) => self.status = Some(status),
+            Ok(Err(_)) | Err(TryRecvError::Disconnected) => {}
+            Err(TryRecvError::Empty) => {
+                let _ = Command::new("kill")
+                    .args(["-9", &self.pid.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 
@@ -504,194 +503,4 @@ impl Drop for Federation {
         self.server.kill_9();
         let _ = std::fs::remove_dir_all(&self.workspace);
     }
-}
-
-/// How a wait on an attacker connection ended.
-#[derive(Debug)]
-pub enum Answer {
-    /// A frame came.
-    Frame(Box<Frame>),
-    /// The server closed the connection (EOF or reset).
-    Closed,
-    /// Nothing came before the deadline.
-    Silent,
-}
-
-/// A raw connection to the server, speaking SFM frames without credentials.
-pub struct Attacker {
-    stream: TcpStream,
-}
-
-impl Attacker {
-    /// Connects to `addr`.
-    pub fn connect(addr: SocketAddr) -> io::Result<Attacker> {
-        Ok(Attacker {
-            stream: TcpStream::connect(addr)?,
-        })
-    }
-
-    /// Makes a write that cannot proceed for `timeout` fail (a server that stops reading).
-    pub fn set_write_timeout(&mut self, timeout: Duration) {
-        self.stream
-            .set_write_timeout(Some(timeout))
-            .expect("a positive write timeout");
-    }
-
-    /// Writes `frame`, encoded.
-    pub fn send(&mut self, frame: &Frame) -> io::Result<()> {
-        let bytes = frame.encode().expect("the attack's frames are encodable");
-        self.stream.write_all(&bytes)
-    }
-
-    /// Writes raw bytes.
-    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)
-    }
-
-    /// Reads into `buf` until it is full; `Err(Closed | Silent)` otherwise.
-    fn read_full(&mut self, buf: &mut [u8], end: Instant) -> Result<(), Answer> {
-        let mut got = 0;
-        while got < buf.len() {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Answer::Silent);
-            }
-            self.stream
-                .set_read_timeout(Some(left))
-                .expect("a positive read timeout");
-            match self.stream.read(&mut buf[got..]) {
-                Ok(0) => return Err(Answer::Closed),
-                Ok(n) => got += n,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Err(Answer::Closed),
-            }
-        }
-        Ok(())
-    }
-
-    /// The next frame the server sends, or how the wait ended.
-    pub fn next_frame(&mut self, deadline: Duration) -> Answer {
-        let end = Instant::now() + deadline;
-        let mut prefix = [0u8; PREFIX_LEN];
-        if let Err(end) = self.read_full(&mut prefix, end) {
-            return end;
-        }
-        let length = Prefix::parse(&prefix).map_or(0, |p| p.length as usize);
-        assert!(
-            (PREFIX_LEN..=MAX_ANSWER_FRAME).contains(&length),
-            "the server sent a frame of {length} bytes"
-        );
-        let mut buf = vec![0u8; length];
-        buf[..PREFIX_LEN].copy_from_slice(&prefix);
-        if let Err(end) = self.read_full(&mut buf[PREFIX_LEN..], end) {
-            return end;
-        }
-        Answer::Frame(Box::new(
-            Frame::decode(Bytes::from(buf)).expect("the server sends valid frames"),
-        ))
-    }
-
-    /// Reads (and discards) until the server closes the connection; false if it is still open
-    /// after `deadline`.
-    pub fn wait_closed(&mut self, deadline: Duration) -> bool {
-        let end = Instant::now() + deadline;
-        let mut scratch = vec![0u8; 64 * 1024];
-        loop {
-            match self.read_full(&mut scratch[..1], end) {
-                Ok(()) => {
-                    // drain what is there without waiting for a full buffer
-                    let _ = self.stream.read(&mut scratch);
-                }
-                Err(Answer::Closed) => return true,
-                Err(_) => return false,
-            }
-        }
-    }
-}
-
-/// A HELLO announcing the endpoint `name` (what a connecting NVFlare cell sends first).
-pub fn hello(name: &str) -> Frame {
-    let info = HandshakeInfo {
-        endpoint_name: name.to_owned(),
-        timestamp: Some(1.0),
-        fqcn: Some(name.to_owned()),
-    };
-    let mut frame = Frame::hello(&info).expect("a handshake map is encodable");
-    frame.sequence = 1;
-    frame
-}
-
-/// The 16-byte prefix of a HELLO frame whose length field announces `length` bytes.
-pub fn hello_prefix_announcing(length: u32) -> [u8; PREFIX_LEN] {
-    let encoded = hello("attacker").encode().expect("encodable");
-    let mut prefix = [0u8; PREFIX_LEN];
-    prefix.copy_from_slice(&encoded[..PREFIX_LEN]);
-    prefix[..4].copy_from_slice(&length.to_be_bytes());
-    prefix
-}
-
-/// A request (DATA frame) from `origin` to `destination` on `channel`/`topic` whose FOBS
-/// payload is `fobs`, as the bytes are (no check that they decode).
-pub fn fobs_request(
-    origin: &str,
-    destination: &str,
-    channel: &str,
-    topic: &str,
-    fobs: Bytes,
-) -> Frame {
-    let mut h = Headers::new();
-    h.set_msg_type(MsgType::Req);
-    h.set_channel(channel);
-    h.set_topic(topic);
-    h.set_origin(origin);
-    h.set_destination(destination);
-    h.set_req_id(format!("attack-{}", uuid::Uuid::new_v4()));
-    h.set_reply_expected(true);
-    h.set_payload_encoding(PayloadEncoding::Fobs);
-    let mut frame = Frame::data(h, fobs);
-    frame.sequence = 2;
-    frame
-}
-
-/// A FOBS (LOBS) payload whose main section is a msgpack array header (`array32`) declaring
-/// `declared` elements, followed by `nils` one-byte `nil`s.
-pub fn nil_array(declared: u32, nils: usize) -> Bytes {
-    let main_len = 5 + nils;
-    let mut out = Vec::with_capacity(SECTION_HEADER_LEN + main_len);
-    out.extend_from_slice(&[MARKER_MAIN, 0]);
-    out.extend_from_slice(&(main_len as u64).to_be_bytes());
-    out.push(0xdd);
-    out.extend_from_slice(&declared.to_be_bytes());
-    out.resize(out.len() + nils, 0xc0);
-    Bytes::from(out)
-}
-
-/// NVFlare's `__end_run__` aux message as the server job `server_job` would send it to
-/// `site_job` (a request on `aux_communication` whose `cn__origin` and `cn__from` claim the
-/// server job, with the server's peer props for `job_id`): what a peer without credentials
-/// forges to end a site's run.
-pub fn forged_end_run(server_job: &str, site_job: &str, job_id: &str) -> Frame {
-    let mut props = Map::new();
-    props.insert(fl_ctx_key::RUN_NUM, job_id);
-    props.insert(fl_ctx_key::IDENTITY_NAME, "server");
-    let mut request = Shareable::new();
-    request.set_peer_props(props);
-    let mut h = Headers::new();
-    h.set_msg_type(MsgType::Req);
-    h.set_channel(channel::AUX_COMMUNICATION);
-    h.set_topic(reserved_topic::END_RUN);
-    h.set_origin(server_job);
-    h.set_destination(site_job);
-    h.insert(header::FROM, server_job);
-    h.insert(header::TO, "server");
-    h.set_req_id(format!("attack-{}", uuid::Uuid::new_v4()));
-    h.set_reply_expected(true);
-    let mut frame = frame_from_message(CellMessage {
-        headers: h,
-        payload: Payload::shareable(request),
-    })
-    .expect("a shareable is encodable");
-    frame.sequence = 2;
-    frame
 }
