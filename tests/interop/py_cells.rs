@@ -58,9 +58,15 @@ pub struct PyCells {
 impl PyCells {
     /// Starts the script and waits for its `ready` event.
     pub async fn start(args: PyArgs<'_>) -> PyCells {
+        PyCells::start_script(SCRIPT, args).await
+    }
+
+    /// [`PyCells::start`] with another script of the same protocol (`--port`, `--job`,
+    /// `--watchdog`, JSON events and commands).
+    pub async fn start_script(script: &str, args: PyArgs<'_>) -> PyCells {
         let python = args.python;
         let mut child = Command::new(python)
-            .arg(SCRIPT)
+            .arg(script)
             .args(["--port", &args.port.to_string(), "--job", args.job])
             .args(["--watchdog", &args.watchdog_secs.to_string()])
             .args(args.extra)
@@ -68,7 +74,7 @@ impl PyCells {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {python} {SCRIPT}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {python} {script}: {e}"));
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         let stdin = child.stdin.take();

@@ -10,18 +10,28 @@
 //! connector keeps retrying meanwhile, so the client may be started first), the whole run must
 //! end within it, and a server that stays unreachable for [`ClientOptions::server_lost_grace`]
 //! ends the run with an error.
+//!
+//! Exit status: `Ok` (exit 0) only when the server ended a run that completed. A run the server
+//! failed or aborted (it says so with [`fedrun_server::RUN_FAILED_TOPIC`] before `__end_run__`),
+//! a run aborted here, a lost server or a timeout are errors (exit 1, the reason on stderr).
+//! This differs on purpose from `fedrun job`, which keeps NVFlare's client job exit codes (0
+//! after an abort too: its client parent expects that).
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fedrun_cell::Fqcn;
-use fedrun_engine::{ClientJobConfig, RunEnd, RunOutcome, RunnerConfig};
+use fedrun_core::constants::fl_ctx_key;
+use fedrun_core::{AppReturnCode, Shareable, Value};
+use fedrun_engine::{aux_handler, AuxRequest, ClientJobConfig, RunEnd, RunOutcome, RunnerConfig};
 use fedrun_wire::TcpTransport;
 
 use crate::error::CliError;
 use crate::job::JobDefinition;
 use crate::simulate::{start_client, SimulationSetup};
-use crate::transport::{connect_client, JobTransport};
+use crate::tls_opts::TlsOptions;
+use crate::transport::{connect_client_with, JobTransport};
 
 /// The default deadline of a whole client run (`--timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -40,8 +50,10 @@ pub const DEFAULT_SERVER_LOST_GRACE: Duration = Duration::from_secs(30);
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClientOptions {
-    /// The server: `tcp://host:port` or `host:port`.
+    /// The server: `tcp://host:port`, `stcp://host:port` (TLS) or `host:port`.
     pub server: String,
+    /// TLS credentials and mode (default: none, clear TCP).
+    pub tls: TlsOptions,
     /// This client's site name.
     pub name: String,
     /// The job id the server runs.
@@ -63,6 +75,7 @@ impl ClientOptions {
     pub fn new(server: &str, name: &str, job_id: &str) -> Self {
         Self {
             server: server.to_owned(),
+            tls: TlsOptions::default(),
             name: name.to_owned(),
             job_id: job_id.to_owned(),
             job: None,
@@ -118,7 +131,8 @@ pub async fn run_client(options: ClientOptions) -> Result<RunOutcome, CliError> 
             reason: e.to_string(),
         })?;
 
-    let transport = connect_client(&options.server, name, job_id, options.timeout).await?;
+    let transport =
+        connect_client_with(&options.server, name, job_id, options.timeout, &options.tls).await?;
     // `start_client` reads the job id, the extra factories (none) and the runner's timing; a
     // client process has no workspace of its own.
     let mut setup = SimulationSetup::new(job, 0, PathBuf::new());
@@ -140,6 +154,15 @@ pub async fn run_client(options: ClientOptions) -> Result<RunOutcome, CliError> 
             return Err(e);
         }
     };
+    let run_failed = Arc::new(Mutex::new(None::<String>));
+    if let Err(e) = listen_for_run_failed(&site.engine, Arc::clone(&run_failed)).await {
+        site.engine.stop().await;
+        transport.shutdown().await;
+        return Err(CliError::Engine {
+            site: name.to_owned(),
+            source: e,
+        });
+    }
     log::info!("[job={job_id} site={name}] client job started; running until the end of the run");
 
     let control = site.runner.control();
@@ -163,6 +186,11 @@ pub async fn run_client(options: ClientOptions) -> Result<RunOutcome, CliError> 
     let failed = |why: String| CliError::RunFailed(format!("client {name} of job {job_id}: {why}"));
     match ended {
         Ended::Run(Ok(Ok(outcome))) => match &outcome.ended_by {
+            RunEnd::EndRun if server_failed(&run_failed).is_some() => Err(failed(format!(
+                "the server ended the run as failed after {} task(s) here: {}",
+                outcome.tasks_done,
+                server_failed(&run_failed).unwrap_or_default()
+            ))),
             RunEnd::EndRun => {
                 log::info!(
                     "[job={job_id} site={name}] run ended by the server: {} task(s), {} \
@@ -193,6 +221,51 @@ pub async fn run_client(options: ClientOptions) -> Result<RunOutcome, CliError> 
             options.server_lost_grace.as_secs_f64()
         ))),
     }
+}
+
+/// Why the server said the run failed, if it did.
+fn server_failed(reason: &Mutex<Option<String>>) -> Option<String> {
+    reason
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// Records the server job's notice that the run failed ([`fedrun_server::RUN_FAILED_TOPIC`]),
+/// which it sends before `__end_run__`. Only the server's notice counts.
+async fn listen_for_run_failed(
+    engine: &fedrun_engine::EngineHandle,
+    reason: Arc<Mutex<Option<String>>>,
+) -> Result<(), fedrun_engine::EngineError> {
+    let prefix = format!("[job={} site={}]", engine.job_id(), engine.site());
+    let handler = aux_handler(move |req: AuxRequest| {
+        let from = req
+            .request
+            .peer_prop(fl_ctx_key::IDENTITY_NAME)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let rc = if from == fedrun_server::SERVER_IDENTITY {
+            let why = req
+                .request
+                .header_or_none(fedrun_server::RUN_FAILED_REASON)
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given")
+                .to_owned();
+            log::error!("{prefix} the server says the run failed: {why}");
+            *reason
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+            AppReturnCode::Ok
+        } else {
+            log::warn!("{prefix} a run-failed notice from {from:?}, not the server: ignored");
+            AppReturnCode::BadPeerContext
+        };
+        async move { Ok(Shareable::make_reply(rc, None)) }
+    });
+    engine
+        .register_aux_message_handler(fedrun_server::RUN_FAILED_TOPIC, handler)
+        .await
 }
 
 /// How the wait for the runner ended.

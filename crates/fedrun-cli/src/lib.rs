@@ -61,6 +61,7 @@ pub mod output;
 pub mod rng;
 pub mod server_cmd;
 pub mod simulate;
+pub mod tls_opts;
 pub mod trainer;
 pub mod transport;
 

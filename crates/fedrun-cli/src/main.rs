@@ -78,8 +78,8 @@ struct SimulateArgs {
 
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
-    /// Address to listen on, HOST:PORT (port 0: any free port; the first stdout line says
-    /// which).
+    /// Address to listen on, HOST:PORT or stcp://HOST:PORT (TLS) (port 0: any free port; the
+    /// first stdout line says which).
     #[arg(short = 'l', long)]
     listen: String,
     /// The client sites, comma-separated (e.g. site-1,site-2); also the workflow's
@@ -104,13 +104,21 @@ struct ServerArgs {
     /// How long clients wait before asking for a task again, in milliseconds.
     #[arg(long, default_value_t = 100)]
     poll_interval_ms: u64,
+    /// A client whose connection closed and is not back after this many seconds is counted
+    /// out of the round (the run fails then if too few clients are left).
+    #[arg(long, default_value_t = 30)]
+    client_grace: u64,
+    #[command(flatten)]
+    tls: fedrun_cli::tls_opts::TlsOptions,
 }
 
 #[derive(Debug, clap::Args)]
 struct ClientArgs {
-    /// The server, tcp://HOST:PORT.
+    /// The server, tcp://HOST:PORT (stcp://HOST:PORT: TLS).
     #[arg(long)]
     server: String,
+    #[command(flatten)]
+    tls: fedrun_cli::tls_opts::TlsOptions,
     /// This client's site name (one of the server's --clients).
     #[arg(short = 'n', long)]
     name: String,
@@ -319,6 +327,7 @@ fn run_simulate(args: SimulateArgs) -> ExitCode {
 fn run_server(args: ServerArgs) -> ExitCode {
     let options = ServerOptions {
         listen: args.listen,
+        tls: args.tls,
         clients: args.clients,
         rounds: args.rounds,
         job: args.job,
@@ -327,6 +336,7 @@ fn run_server(args: ServerArgs) -> ExitCode {
         timeout: Duration::from_secs(args.timeout),
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         end_of_run_deadline: DEFAULT_END_OF_RUN_DEADLINE,
+        client_grace: Duration::from_secs(args.client_grace),
     };
     let bar = progress_bar();
     let mut observer = ProgressObserver { bar: bar.clone() };
@@ -354,6 +364,7 @@ fn run_client_cmd(args: ClientArgs) -> ExitCode {
         job: args.job,
         seed: args.seed,
         timeout: Duration::from_secs(args.timeout),
+        tls: args.tls,
         ..ClientOptions::new(&args.server, &args.name, &args.job_id)
     };
     match actix::System::new().block_on(run_client(options)) {

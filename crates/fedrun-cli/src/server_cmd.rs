@@ -11,8 +11,13 @@
 //! writes `metrics.json`, `model.json` and the model's `.npy` files into the workspace, as
 //! `fedrun simulate` does.
 //!
+//! With [`ServerOptions::tls`] (a startup kit or CA/certificate/key files) the endpoint
+//! listens with TLS or mTLS as NVFlare's server does, and [`ServerRun::url`] says `stcp://`.
+//!
 //! Nothing waits forever: past [`ServerOptions::timeout`] the run is aborted and the command
-//! fails with [`CliError::Timeout`].
+//! fails with [`CliError::Timeout`]. A client job whose connection closed and that is not back
+//! within [`ServerOptions::client_grace`] is counted out of the round at once (the round goes
+//! on with the others if `min_clients` still can be met, else the run fails then).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,7 +36,8 @@ use crate::simulate::{
     prepare_workspace, record_of, status_of, RunObserver, RunStatus, SimulateOptions,
     SimulationReport, SimulationSetup, MAX_CLIENTS,
 };
-use crate::transport::listen_server;
+use crate::tls_opts::TlsOptions;
+use crate::transport::listen_server_with;
 
 /// The default deadline of a whole run (`--timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -55,8 +61,11 @@ const ABORT_GRACE: Duration = Duration::from_secs(10);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerOptions {
-    /// Where to listen: `host:port` or `tcp://host:port` (port 0: any free port).
+    /// Where to listen: `host:port`, `tcp://host:port` or `stcp://host:port` (port 0: any
+    /// free port).
     pub listen: String,
+    /// TLS credentials and mode (default: none, clear TCP).
+    pub tls: TlsOptions,
     /// The client sites of the job; also the workflow's `min_clients`.
     pub clients: Vec<String>,
     /// Number of rounds (`None`: the job's `num_rounds`, else the simulator's default).
@@ -73,6 +82,9 @@ pub struct ServerOptions {
     pub poll_interval: Duration,
     /// How long the client jobs get to hang up after the run ended.
     pub end_of_run_deadline: Duration,
+    /// How long a client job whose connection closed may take to come back before it is
+    /// counted out of the round (`--client-grace`).
+    pub client_grace: Duration,
 }
 
 impl ServerOptions {
@@ -80,6 +92,7 @@ impl ServerOptions {
     pub fn new(listen: &str, clients: &[&str]) -> Self {
         Self {
             listen: listen.to_owned(),
+            tls: TlsOptions::default(),
             clients: clients.iter().map(|c| (*c).to_owned()).collect(),
             rounds: None,
             job: None,
@@ -88,6 +101,7 @@ impl ServerOptions {
             timeout: DEFAULT_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             end_of_run_deadline: DEFAULT_END_OF_RUN_DEADLINE,
+            client_grace: fedrun_server::DEFAULT_CLIENT_GRACE,
         }
     }
 }
@@ -128,6 +142,8 @@ pub struct ServerRun {
     setup: SimulationSetup,
     transport: TcpTransport,
     addr: SocketAddr,
+    /// `stcp` when listening with TLS, else `tcp`.
+    scheme: &'static str,
     server: ServerJob,
     workflows: Vec<Box<dyn Workflow>>,
     events: mpsc::UnboundedReceiver<WorkflowEvent>,
@@ -193,12 +209,18 @@ impl ServerRun {
             .num_rounds()
             .unwrap_or(crate::simulate::DEFAULT_ROUNDS);
 
-        let (transport, addr) = listen_server(&options.listen).await?;
+        let (transport, addr) = listen_server_with(&options.listen, &options.tls).await?;
+        let tls = options.listen.starts_with("stcp://")
+            || options.tls.tls_kit.is_some()
+            || options.tls.ca.is_some();
+        let clear = options.tls.connection_security.as_deref() == Some("clear");
+        let scheme = if tls && !clear { "stcp" } else { "tcp" };
         let sites: Vec<&str> = setup.sites.iter().map(String::as_str).collect();
         let (events_tx, events) = mpsc::unbounded_channel();
         let started = ServerJob::builder(&setup.job_id)
             .job_clients(&sites)
             .poll_interval(options.poll_interval)
+            .client_grace(options.client_grace)
             .events(events_tx)
             .start_on(transport.clone())
             .await;
@@ -210,7 +232,7 @@ impl ServerRun {
             }
         };
         log::info!(
-            "[job={} site=server] job {} listening on tcp://{addr} for {:?}",
+            "[job={} site=server] job {} listening on {scheme}://{addr} for {:?}",
             setup.job_id,
             setup.job.name,
             setup.sites
@@ -219,6 +241,7 @@ impl ServerRun {
             setup,
             transport,
             addr,
+            scheme,
             server,
             workflows: built.workflows,
             events,
@@ -234,9 +257,9 @@ impl ServerRun {
         self.addr
     }
 
-    /// `tcp://<local_addr>`, what `fedrun client --server` takes.
+    /// `tcp://<local_addr>` (`stcp://` with TLS), what `fedrun client --server` takes.
     pub fn url(&self) -> String {
-        format!("tcp://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The job id (clients need it: their cells are `<site>.<job id>`).
@@ -268,6 +291,7 @@ impl ServerRun {
             setup,
             transport,
             addr,
+            scheme: _,
             server,
             mut workflows,
             mut events,
@@ -286,6 +310,16 @@ impl ServerRun {
             drop(workflows);
             result
         });
+        // A client job is connected when its job cell (or its site's parent, which relays it)
+        // is a peer of this endpoint.
+        let follower = {
+            let (t, job) = (transport.clone(), job_id.clone());
+            server.follow_connections(transport.peer_changes(), move |site| {
+                [Fqcn::job_cell(site, &job), Fqcn::new(site)]
+                    .into_iter()
+                    .any(|f| f.is_ok_and(|f| t.is_connected(&f)))
+            })
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rounds: Vec<RoundMetrics> = Vec::new();
         let mut timed_out = false;
@@ -338,6 +372,7 @@ impl ServerRun {
                 );
             }
         }
+        follower.abort();
         server.stop().await;
         transport.shutdown().await;
 

@@ -15,7 +15,8 @@
 //! - [`SimNetwork`]: the medium of a whole simulation: hands out the server's and each client's
 //!   transport and shuts them all down at the end.
 //! - [`listen_server`] and [`connect_client`]: one endpoint each, with errors that say what to
-//!   fix (a bad address, a port in use, a server that does not answer).
+//!   fix (a bad address, a port in use, a server that does not answer); [`listen_server_with`]
+//!   and [`connect_client_with`] take [`TlsOptions`] for TLS and mTLS (`stcp://`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use fedrun_wire::{TcpTransport, TcpUrl, WireConfig};
 use futures::future::BoxFuture;
 
 use crate::error::CliError;
+use crate::tls_opts::TlsOptions;
 
 /// How long a simulated client waits for its loopback connection to the server endpoint.
 pub const LOOPBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -295,6 +297,7 @@ impl SimNetwork {
 ///
 /// assert_eq!(tcp_url("listen", "127.0.0.1:8002").unwrap(), "tcp://127.0.0.1:8002");
 /// assert_eq!(tcp_url("server", "tcp://localhost:1").unwrap(), "tcp://localhost:1");
+/// assert_eq!(tcp_url("server", "stcp://localhost:1").unwrap(), "stcp://localhost:1");
 /// assert!(tcp_url("server", "localhost").is_err());
 /// ```
 pub fn tcp_url(option: &'static str, address: &str) -> Result<String, CliError> {
@@ -303,9 +306,16 @@ pub fn tcp_url(option: &'static str, address: &str) -> Result<String, CliError> 
     } else {
         format!("tcp://{address}")
     };
-    TcpUrl::parse(&url).map_err(|e| CliError::BadOption {
+    // `stcp://` is TLS on the same kind of address
+    let plain = match url.strip_prefix("stcp://") {
+        Some(rest) => format!("tcp://{rest}"),
+        None => url.clone(),
+    };
+    TcpUrl::parse(&plain).map_err(|e| CliError::BadOption {
         option,
-        reason: format!("'{address}': {e} (expected host:port or tcp://host:port)"),
+        reason: format!(
+            "'{address}': {e} (expected host:port, tcp://host:port or stcp://host:port)"
+        ),
     })?;
     Ok(url)
 }
@@ -318,15 +328,29 @@ pub fn tcp_url(option: &'static str, address: &str) -> Result<String, CliError> 
 /// [`CliError::BadOption`] (`listen`) for an address that does not parse or cannot be bound
 /// (e.g. the port is in use).
 pub async fn listen_server(address: &str) -> Result<(TcpTransport, SocketAddr), CliError> {
+    listen_server_with(address, &TlsOptions::default()).await
+}
+
+/// As [`listen_server`], over TLS or mTLS when `tls` says so ([`TlsOptions::listener`]).
+///
+/// # Errors
+///
+/// As [`listen_server`], and for TLS options that do not work.
+pub async fn listen_server_with(
+    address: &str,
+    tls: &TlsOptions,
+) -> Result<(TcpTransport, SocketAddr), CliError> {
     let url = tcp_url("listen", address)?;
+    let listener = tls.listener(url.starts_with("stcp://"))?;
     let transport = TcpTransport::new(Fqcn::SERVER, WireConfig::default());
-    let addr = transport
-        .add_listener(&url)
-        .await
-        .map_err(|e| CliError::BadOption {
-            option: "listen",
-            reason: format!("cannot listen on {url}: {e}"),
-        })?;
+    let listening = match listener {
+        Some(l) => transport.add_tls_listener(&url, l).await,
+        None => transport.add_listener(&url).await,
+    };
+    let addr = listening.map_err(|e| CliError::BadOption {
+        option: "listen",
+        reason: format!("cannot listen on {url}: {e}"),
+    })?;
     Ok((transport, addr))
 }
 
@@ -344,7 +368,24 @@ pub async fn connect_client(
     job_id: &str,
     timeout: Duration,
 ) -> Result<TcpTransport, CliError> {
+    connect_client_with(server_url, site, job_id, timeout, &TlsOptions::default()).await
+}
+
+/// As [`connect_client`], over TLS or mTLS when `tls` says so ([`TlsOptions::connector`]).
+///
+/// # Errors
+///
+/// As [`connect_client`], and for TLS options that do not work (in mTLS also a site whose
+/// certificate is not its own).
+pub async fn connect_client_with(
+    server_url: &str,
+    site: &str,
+    job_id: &str,
+    timeout: Duration,
+    tls: &TlsOptions,
+) -> Result<TcpTransport, CliError> {
     let url = tcp_url("server", server_url)?;
+    let connector = tls.connector(url.starts_with("stcp://"))?;
     if site == Fqcn::SERVER.as_str() {
         return Err(CliError::BadOption {
             option: "name",
@@ -356,12 +397,14 @@ pub async fn connect_client(
         reason: e.to_string(),
     })?;
     let transport = TcpTransport::new(own, WireConfig::default());
-    transport
-        .add_connector(&url)
-        .map_err(|e| CliError::BadOption {
-            option: "server",
-            reason: format!("cannot connect to {url}: {e}"),
-        })?;
+    match connector {
+        Some(c) => transport.add_tls_connector(&url, c),
+        None => transport.add_connector(&url),
+    }
+    .map_err(|e| CliError::BadOption {
+        option: "server",
+        reason: format!("cannot connect to {url}: {e}"),
+    })?;
     if transport.wait_for_peer(&Fqcn::SERVER, timeout).await {
         log::info!("[job={job_id} site={site}] connected to the server at {url}");
         Ok(transport)

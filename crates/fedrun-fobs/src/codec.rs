@@ -20,8 +20,17 @@ use uuid::Uuid;
 
 use crate::error::FobsError;
 use crate::lobs::{self, Datum, DatumKind, SECTION_HEADER_LEN};
-use crate::msgpack::{self, ByteCounter, Decoder, Sink, DEFAULT_MAX_DEPTH, ENCODE_MAX_DEPTH};
+use crate::msgpack::{
+    self, ByteCounter, Decoder, Sink, DEFAULT_MAX_DEPTH, DEFAULT_MAX_VALUES, ENCODE_MAX_DEPTH,
+};
 use crate::tags::{self, decomposer, type_name, DatumTable, Lifter};
+
+/// The multiple of its input length that decoding a payload may hold at most (see [`decode`]).
+///
+/// Why so many: a one-byte msgpack value (`nil`, a small int, an empty string) becomes a 48-byte
+/// [`Value`]; a map entry becomes two of them, and a tagged map that is lifted into a Shareable is
+/// copied into its own index (about as much again) before the map is dropped.
+pub const DECODE_MEMORY_FACTOR: usize = 96;
 
 /// NVFlare's default `max_value_size`: values of 10 MiB or more become datums.
 pub const DEFAULT_MAX_VALUE_SIZE: usize = 10 * 1024 * 1024;
@@ -61,12 +70,17 @@ pub struct Payload {
 pub struct DecodeOptions {
     /// How deep containers (lists, maps, objects' data) may nest.
     pub max_depth: usize,
+    /// How many msgpack values the main body may hold in all (every scalar, container and map
+    /// key counts one); [`DEFAULT_MAX_VALUES`] by default. This is what bounds the decoded form
+    /// absolutely (see [`decode_with`]).
+    pub max_values: usize,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
         DecodeOptions {
             max_depth: DEFAULT_MAX_DEPTH,
+            max_values: DEFAULT_MAX_VALUES,
         }
     }
 }
@@ -101,7 +115,19 @@ impl Default for EncodeOptions {
     }
 }
 
-/// Decode a LOBS payload (what NVFlare sends with `cn__payload_encoding = "fobs"`).
+/// Decode a LOBS payload (what NVFlare sends with `cn__payload_encoding = "fobs"`), with the
+/// default [`DecodeOptions`].
+///
+/// # Memory
+/// Whatever the input, decoding never holds more than [`DECODE_MEMORY_FACTOR`] × the input's
+/// length + 1 MiB of heap at any moment (the input itself not counted; measured by the tests
+/// `decoding_never_holds_more_than_k_times_the_input_*`: 48 × for a list of one-byte values,
+/// 64 × for the densest Shareable), and, whatever the input's length, never more than
+/// 128 × `max_values` + 2 × the input's length + 1 MiB ([`DecodeOptions::max_values`]; with the
+/// default, 128 MiB + 2 × the input): a
+/// declared count or length is checked against the bytes left (and against the values still
+/// owed to every open container) before anything is reserved, `bytes` values and BLOB datums are
+/// slices of the input, and strings (TEXT datums included) are copied at most once in all.
 ///
 /// # Example
 /// ```
@@ -121,7 +147,9 @@ pub fn decode_with(input: Bytes, options: &DecodeOptions) -> Result<Payload, Fob
     let sections = lobs::split(&input)?;
     let mut table = DatumTable::new(sections.datums);
     let main_start = SECTION_HEADER_LEN;
-    let mut decoder = Decoder::new(sections.main).with_max_depth(options.max_depth);
+    let mut decoder = Decoder::new(sections.main)
+        .with_max_depth(options.max_depth)
+        .with_max_values(options.max_values);
     let mut lifter = Lifter {
         datums: Some(&mut table),
     };
@@ -159,6 +187,10 @@ fn shift_offset(e: FobsError, by: usize) -> FobsError {
             remaining,
         },
         FobsError::DepthExceeded { limit, offset } => FobsError::DepthExceeded {
+            limit,
+            offset: offset + by,
+        },
+        FobsError::TooManyValues { limit, offset } => FobsError::TooManyValues {
             limit,
             offset: offset + by,
         },

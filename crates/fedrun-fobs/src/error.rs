@@ -49,6 +49,24 @@ pub enum FobsError {
         /// Where the container that went too deep starts.
         offset: usize,
     },
+    /// The input holds more msgpack values than the decoder's limit (see
+    /// [`crate::msgpack::DEFAULT_MAX_VALUES`]), or a container declares more.
+    #[error("more than {limit} msgpack values, at byte {offset}")]
+    TooManyValues {
+        /// The limit.
+        limit: usize,
+        /// Where the value or the container header that passed it starts.
+        offset: usize,
+    },
+    /// Datum references ask for more TEXT datum copies than the payload's TEXT datums hold
+    /// (each resolved TEXT datum becomes a `str` of its own; refused beyond the payload's size).
+    #[error("datum references copy {copied} bytes of TEXT datums, more than the {held} bytes the payload's TEXT datums hold")]
+    DatumTextReused {
+        /// The bytes the references would copy, this one included.
+        copied: usize,
+        /// The bytes of all TEXT datums of the payload.
+        held: usize,
+    },
     /// A msgpack str (or a TEXT datum) is not valid UTF-8.
     #[error("invalid UTF-8 in the string at byte {offset}")]
     InvalidUtf8 {

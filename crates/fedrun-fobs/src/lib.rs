@@ -3,9 +3,11 @@
 //! When an NVFlare cell sends an object (a Shareable, a dict, a string ...), the message payload
 //! is `fobs.dumps(obj)`. This crate reads and writes exactly those bytes, in three layers:
 //!
-//! 1. **msgpack** ([`msgpack`]): a bounded, zero-copy reader (nesting limit, every length checked
-//!    against the input, no allocation driven by a claimed length, `bin` values are slices of the
-//!    input) and a writer that reproduces msgpack-python 1.x's default encodings byte for byte.
+//! 1. **msgpack** ([`msgpack`]): a bounded, zero-copy reader (nesting limit, value limit, every
+//!    length and count checked against the input, no allocation driven by a claimed length,
+//!    `bin` values are slices of the input) and a writer that reproduces msgpack-python 1.x's
+//!    default encodings byte for byte. Decoding holds at most [`DECODE_MEMORY_FACTOR`] × the
+//!    input's length (see [`decode`]).
 //! 2. **FOBS tags** ([`tags`]): Python objects that msgpack cannot express travel as
 //!    `{"__fobs_type__", "__fobs_data__", "__fobs_dc__"}` maps. Tuples, sets, numpy arrays,
 //!    Shareables and FLContexts become the typed [`fedrun_core::Value`] variants; every other
@@ -45,6 +47,6 @@ pub mod tags;
 pub use codec::{
     decode, decode_value, decode_with, encode, encode_payload, encode_segments,
     encode_segments_with_extra, encode_value, encode_with, DecodeOptions, EncodeOptions, Payload,
-    DEFAULT_MAX_VALUE_SIZE,
+    DECODE_MEMORY_FACTOR, DEFAULT_MAX_VALUE_SIZE,
 };
 pub use error::FobsError;

@@ -1,8 +1,9 @@
 //! A small msgpack reader and writer, written for hostile input and byte-exact output.
 //!
 //! Why not a general msgpack crate: the bytes fedrun reads come from peers, so the reader must be
-//! *bounded* (a nesting limit, no allocation in proportion to a claimed length, every length
-//! checked against what is left) and *zero-copy* (a `bin` value is a slice of the input
+//! *bounded* (a nesting limit, a limit on the number of values, no allocation in proportion to a
+//! claimed length, every length and count checked against what is left, counts of nested
+//! containers together) and *zero-copy* (a `bin` value is a slice of the input
 //! [`Bytes`], so a 64 MiB array is never copied); and the bytes fedrun writes must be identical to
 //! what msgpack-python 1.x writes with its defaults, which this writer reproduces exactly:
 //!
@@ -26,6 +27,17 @@ use crate::error::FobsError;
 
 /// The default nesting limit of the decoder.
 pub const DEFAULT_MAX_DEPTH: usize = 512;
+
+/// The default limit on the number of msgpack values one decoder reads (every scalar, every
+/// container and every map key counts one): 1 Mi values, at most 48 MiB of decoded [`Value`]s.
+///
+/// Why a count and not only a check against the input: a msgpack `nil` is one byte and its
+/// [`Value`] is 48, so a payload of N bytes of nils decodes into 48 × N bytes however carefully
+/// capacities are reserved (a 600 MiB payload would take 28 GiB). This limit bounds the decoded
+/// form whatever the payload's size. Real NVFlare payloads carry their bulk as `bytes` values
+/// (model weights, `.npy` arrays), which are one value each, so they are far below it.
+/// A list of a million Python floats (9 MiB) still fits.
+pub const DEFAULT_MAX_VALUES: usize = 1024 * 1024;
 
 /// The nesting limit of the writers (values built by hand can be nested deeper than anything the
 /// decoder accepts; this keeps the recursion bounded).
@@ -111,6 +123,10 @@ pub struct Decoder {
     buf: Bytes,
     pos: usize,
     max_depth: usize,
+    max_values: usize,
+    /// Values read so far (scalars, containers and map keys), across [`Decoder::read_value`]
+    /// calls.
+    values: usize,
 }
 
 impl Decoder {
@@ -120,12 +136,35 @@ impl Decoder {
             buf,
             pos: 0,
             max_depth: DEFAULT_MAX_DEPTH,
+            max_values: DEFAULT_MAX_VALUES,
+            values: 0,
         }
     }
 
     /// Set the nesting limit (arrays and maps inside each other).
     pub fn with_max_depth(mut self, max_depth: usize) -> Self {
         self.max_depth = max_depth;
+        self
+    }
+
+    /// Set the limit on the number of values this decoder reads in all (every scalar, every
+    /// container and every map key counts one; [`DEFAULT_MAX_VALUES`] by default). A container
+    /// whose declared size would pass it is refused at its header, before anything is reserved
+    /// ([`FobsError::TooManyValues`]).
+    ///
+    /// # Example
+    /// ```
+    /// use bytes::Bytes;
+    /// use fedrun_fobs::{msgpack::Decoder, FobsError};
+    ///
+    /// // [nil, nil, nil] is four values (the list and its three items)
+    /// let input = Bytes::from_static(b"\x93\xc0\xc0\xc0");
+    /// assert!(Decoder::new(input.clone()).with_max_values(4).read_value().is_ok());
+    /// let err = Decoder::new(input).with_max_values(3).read_value().unwrap_err();
+    /// assert!(matches!(err, FobsError::TooManyValues { limit: 3, .. }));
+    /// ```
+    pub fn with_max_values(mut self, max_values: usize) -> Self {
+        self.max_values = max_values;
         self
     }
 
@@ -232,61 +271,83 @@ impl Decoder {
         Ok(Value::Str(text))
     }
 
-    /// Each element takes at least `min_bytes` bytes: refuse counts the input cannot hold, so
-    /// that a claimed count never drives an allocation.
-    fn check_count(&self, n: usize, min_bytes: usize, start: usize) -> Result<(), FobsError> {
-        if n.saturating_mul(min_bytes) > self.remaining() {
-            return Err(FobsError::LengthPastEnd {
-                offset: start,
-                claimed: n as u64,
-                remaining: self.remaining(),
-            });
-        }
-        Ok(())
-    }
-
+    /// Open a container of `n` elements (`slots` values: `n` for a list, `2 n` for a map) whose
+    /// header started at `start`, given `owed` values still to come for the containers already
+    /// open.
+    ///
+    /// Every value takes at least one byte, so the values still owed, these included, must fit
+    /// in the bytes left, and they must fit in the value limit: a claimed count never drives an
+    /// allocation. Since the check covers every open container at once (not each against the
+    /// whole rest of the input), the capacity reserved by all containers together never exceeds
+    /// one slot per input byte, however they nest.
     fn open(
         &self,
         stack: &[Frame],
         kind: Open,
         n: usize,
+        owed: usize,
         start: usize,
-    ) -> Result<Frame, FobsError> {
+    ) -> Result<(Frame, usize), FobsError> {
         if stack.len() >= self.max_depth {
             return Err(FobsError::DepthExceeded {
                 limit: self.max_depth,
                 offset: start,
             });
         }
-        Ok(match kind {
-            Open::Array => {
-                self.check_count(n, 1, start)?;
-                Frame::Array {
-                    items: Vec::with_capacity(n),
-                    left: n,
-                }
-            }
-            Open::Map => {
-                self.check_count(n, 2, start)?;
-                Frame::Map {
-                    pairs: Vec::with_capacity(n),
-                    key: None,
-                    left: n,
-                    start,
-                }
-            }
-        })
+        let slots = match kind {
+            Open::Array => n,
+            Open::Map => n.saturating_mul(2),
+        };
+        let owed = owed.saturating_add(slots);
+        if owed > self.remaining() {
+            return Err(FobsError::LengthPastEnd {
+                offset: start,
+                claimed: n as u64,
+                remaining: self.remaining(),
+            });
+        }
+        if owed.saturating_add(self.values) > self.max_values {
+            return Err(FobsError::TooManyValues {
+                limit: self.max_values,
+                offset: start,
+            });
+        }
+        let frame = match kind {
+            Open::Array => Frame::Array {
+                items: Vec::with_capacity(n),
+                left: n,
+            },
+            Open::Map => Frame::Map {
+                pairs: Vec::with_capacity(n),
+                key: None,
+                left: n,
+                start,
+            },
+        };
+        Ok((frame, owed))
     }
 
     /// Iterative (explicit stack), so that nesting costs heap, not call stack.
     fn read<H: MapHook>(&mut self, hook: &mut H) -> Result<Value, FobsError> {
         let mut stack: Vec<Frame> = Vec::new();
+        // values the open containers still wait for (each will take at least one byte)
+        let mut owed = 0usize;
         loop {
             let start = self.pos;
+            if self.values >= self.max_values {
+                return Err(FobsError::TooManyValues {
+                    limit: self.max_values,
+                    offset: start,
+                });
+            }
+            self.values += 1;
+            // this value fills one of the slots owed (none for the root)
+            owed = owed.saturating_sub(usize::from(!stack.is_empty()));
             let mut value = match self.read_head()? {
                 Head::Value(v) => v,
                 Head::Open(kind, n) => {
-                    let frame = self.open(&stack, kind, n, start)?;
+                    let (frame, now_owed) = self.open(&stack, kind, n, owed, start)?;
+                    owed = now_owed;
                     match frame {
                         Frame::Array { left: 0, .. } => Value::Array(Vec::new()),
                         Frame::Map { left: 0, .. } => hook.finish_map(Map::new(), start)?,
@@ -920,6 +981,40 @@ mod tests {
     fn fobs_objects_are_refused_by_the_plain_writer() {
         let v = Value::Tuple(vec![]);
         assert_eq!(encode(&v), Err(FobsError::NotMsgpackNative("tuple")));
+    }
+
+    #[test]
+    fn nested_counts_are_checked_together_against_the_bytes_left() {
+        // the inner list's 2 items fit in the 2 bytes left, but not with the outer list's
+        // second item as well: refused at the inner header, before reserving anything
+        assert_eq!(
+            decode(Bytes::from_static(b"\x92\x92\xc0\xc0")),
+            Err(FobsError::LengthPastEnd {
+                offset: 1,
+                claimed: 2,
+                remaining: 2
+            })
+        );
+        assert!(decode(Bytes::from_static(b"\x92\x92\xc0\xc0\xc0")).is_ok());
+        // a map's entries owe two values each
+        assert!(matches!(
+            decode(Bytes::from_static(b"\x91\x81\xc0")),
+            Err(FobsError::LengthPastEnd { offset: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn the_value_limit_counts_values_across_reads() {
+        let mut d = Decoder::new(Bytes::from_static(b"\x01\x02\x03")).with_max_values(2);
+        assert!(d.read_value().is_ok());
+        assert!(d.read_value().is_ok());
+        assert_eq!(
+            d.read_value(),
+            Err(FobsError::TooManyValues {
+                limit: 2,
+                offset: 2
+            })
+        );
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub(crate) struct DatumTable {
     datums: Vec<Datum>,
     by_id: HashMap<String, usize>,
     used: Vec<bool>,
+    /// Bytes of TEXT datums copied into `str` values so far, and what all TEXT datums hold:
+    /// a TEXT datum named by many references would otherwise be copied once per reference.
+    text_copied: usize,
+    text_held: usize,
 }
 
 impl DatumTable {
@@ -93,10 +97,17 @@ impl DatumTable {
             .map(|(i, d)| (d.id.hyphenated().to_string(), i))
             .collect();
         let used = vec![false; datums.len()];
+        let text_held = datums
+            .iter()
+            .filter(|d| d.kind == DatumKind::Text)
+            .map(|d| d.content.len())
+            .sum();
         DatumTable {
             datums,
             by_id,
             used,
+            text_copied: 0,
+            text_held,
         }
     }
 
@@ -196,7 +207,17 @@ impl Lifter<'_> {
         let value = match datum.kind {
             DatumKind::Blob => Value::Bin(datum.content.clone()),
             DatumKind::Text => match std::str::from_utf8(&datum.content) {
-                Ok(s) => Value::Str(s.to_owned()),
+                Ok(s) => {
+                    let copied = table.text_copied.saturating_add(s.len());
+                    if copied > table.text_held {
+                        return Err(FobsError::DatumTextReused {
+                            copied,
+                            held: table.text_held,
+                        });
+                    }
+                    table.text_copied = copied;
+                    Value::Str(s.to_owned())
+                }
                 // TEXT datums are validated when the container is split
                 Err(_) => return Ok(tagged(t)),
             },

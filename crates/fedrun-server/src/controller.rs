@@ -150,9 +150,13 @@ impl Controller {
     /// The result is `Ok` with every answer received (failed ones included, in arrival order)
     /// when at least `min_responses` succeeded, and
     /// [`ServerError::NotEnoughResponses`] otherwise. A client whose result has an error code
-    /// counts as *answered* (it will not answer again) but not as a *success*. A client that
-    /// stops asking for tasks (gone) simply never answers: without a task timeout the wait then
-    /// lasts until `min_responses` is reached or the abort fires.
+    /// counts as *answered* (it will not answer again) but not as a *success*. A client job
+    /// whose connection closed and is not back within the client grace is counted out: it
+    /// answers `COMMUNICATION_ERROR` in its name (see
+    /// [`ServerJob::client_connection`](crate::ServerJob::client_connection)). A client that
+    /// stops asking for tasks while the server job does not learn that it is gone simply never
+    /// answers: without a task timeout the wait then lasts until `min_responses` is reached or
+    /// the abort fires.
     ///
     /// `min_responses = 0` means every target. The task is closed when this returns (later
     /// results are dropped, `__task_check__` says `TASK_UNKNOWN`).
@@ -195,7 +199,39 @@ impl Controller {
         min_responses: usize,
         wait_time_after_min: Duration,
         abort: AbortSignal,
+        on_result: impl FnMut(&TaskResult) + Send,
+    ) -> Result<Vec<TaskResult>, ServerError> {
+        self.broadcast_and_wait_notified(
+            task,
+            targets,
+            min_responses,
+            wait_time_after_min,
+            abort,
+            on_result,
+            None::<fn(&str)>,
+        )
+        .await
+    }
+
+    /// [`Controller::broadcast_and_wait_with`], also calling `on_handed_out` with the client's
+    /// name each time the task is handed to a client (its first `get_task` for it, and again
+    /// when it asks again without having answered, e.g. after a reconnection) — for what must
+    /// reach the client with the task, such as a streamed model. `on_handed_out` runs in the
+    /// waiting future: it must not block.
+    ///
+    /// # Errors
+    ///
+    /// As [`Controller::broadcast_and_wait`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn broadcast_and_wait_notified(
+        &self,
+        task: Task,
+        targets: Option<Vec<String>>,
+        min_responses: usize,
+        wait_time_after_min: Duration,
+        abort: AbortSignal,
         mut on_result: impl FnMut(&TaskResult) + Send,
+        mut on_handed_out: Option<impl FnMut(&str) + Send>,
     ) -> Result<Vec<TaskResult>, ServerError> {
         let targets = targets.unwrap_or_else(|| self.clients.to_vec());
         let mut distinct = targets.clone();
@@ -215,12 +251,20 @@ impl Controller {
         }
         let timeout = task.timeout;
         let name = task.name.clone();
+        let (handed_out, mut handed_out_rx) = match on_handed_out {
+            Some(_) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let posted = self
             .tasks
             .send(PostTask {
                 task,
                 targets,
                 workflow: self.workflow.to_string(),
+                handed_out,
             })
             .await
             .map_err(ServerError::gone("TaskManager"))??;
@@ -261,6 +305,16 @@ impl Controller {
                     log::info!("[job={} site=server] {}: run aborted while waiting for task {name}",
                         self.job_id, self.workflow);
                     return Err(ServerError::Aborted);
+                }
+                Some(client) = async {
+                    match handed_out_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(f) = on_handed_out.as_mut() {
+                        f(&client);
+                    }
                 }
                 received = results_rx.recv() => match received {
                     Some(result) => {

@@ -115,7 +115,10 @@ pub use persistor::{
     load_npy_model, save_npy_model, InitialModel, ModelPersistor, NpyPersistor, SharedPersistor,
 };
 pub use sag::{SagConfig, ScatterAndGather};
-pub use server_job::{ServerJob, ServerJobBuilder, DEFAULT_POLL_INTERVAL, SERVER_IDENTITY};
+pub use server_job::{
+    ServerJob, ServerJobBuilder, DEFAULT_CLIENT_GRACE, DEFAULT_POLL_INTERVAL, RUN_FAILED_REASON,
+    RUN_FAILED_TOPIC, SERVER_IDENTITY,
+};
 pub use task::{Task, TaskResult};
 pub use task_manager::{RunPhase, TaskManager};
 pub use workflow::{RoundMetrics, Workflow, WorkflowEvent, WorkflowOutcome};

@@ -260,45 +260,36 @@ impl ScatterAndGather {
             };
             let stream_id = self.stream_round(ctl, round, &global).await?;
             let mut task = self.round_task(round, &global);
-            let model_stream = match &stream_id {
+            let model_sender = match &stream_id {
                 Some(sid) => {
                     task = self.round_task(round, &ModelWeights::new());
                     task.data.set_header(MODEL_STREAM_HEADER, sid.as_str());
-                    Some(self.send_model(ctl, sid, &global)?)
+                    Some(self.model_sender(ctl, sid, round, &global)?)
                 }
                 None => None,
             };
             let id = self.id.clone();
-            let broadcast = ctl.broadcast_and_wait_with(
-                task,
-                None,
-                self.config.min_clients,
-                self.config.wait_time_after_min_received,
-                ctl.abort_signal(),
-                |r: &TaskResult| {
-                    ctl.emit(WorkflowEvent::ResultReceived {
-                        workflow: id.clone(),
-                        round,
-                        client: r.client.clone(),
-                        success: r.is_success(),
-                    })
-                },
-            );
-            let results = match model_stream {
-                None => broadcast.await,
-                Some(sending) => {
-                    let (results, sent) = futures::join!(broadcast, sending);
-                    if let Err(e) = sent {
-                        log::error!(
-                            "[job={} site=server] {}: round {round}: model stream failed: {e}",
-                            ctl.job_id(),
-                            self.id
-                        );
-                    }
-                    results
-                }
-            }
-            .map_err(failed)?;
+            let results = ctl
+                .broadcast_and_wait_notified(
+                    task,
+                    None,
+                    self.config.min_clients,
+                    self.config.wait_time_after_min_received,
+                    ctl.abort_signal(),
+                    |r: &TaskResult| {
+                        ctl.emit(WorkflowEvent::ResultReceived {
+                            workflow: id.clone(),
+                            round,
+                            client: r.client.clone(),
+                            success: r.is_success(),
+                        })
+                    },
+                    model_sender
+                        .as_ref()
+                        .map(|sender| move |site: &str| sender.send_to(site)),
+                )
+                .await
+                .map_err(failed)?;
             let (contributions, mut failed_clients) = self.usable(ctl, round, results);
             let metrics = round_metrics(&contributions);
             let (aggregate, mut clients) = if stream_id.is_some() {
@@ -422,48 +413,30 @@ impl ScatterAndGather {
         Ok(Some(id))
     }
 
-    /// The future streaming `global` to every job client on (`fedrun.model`, `weights`).
-    fn send_model(
+    /// What streams `global` to each client that is handed the round's task (see
+    /// [`ModelSender`]).
+    fn model_sender(
         &self,
         ctl: &Controller,
         id: &str,
+        round: u32,
         global: &ModelWeights,
-    ) -> Result<BoxFuture<'static, Result<(), ServerError>>, ServerError> {
+    ) -> Result<ModelSender, ServerError> {
         let Some(streamer) = ctl.stream_processor().cloned() else {
             return Err(ServerError::ActorGone {
                 actor: "StreamProcessor",
             });
         };
-        let arrays = global
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<Vec<_>>();
-        let producer = ArraysProducer::new(arrays).map_err(ServerError::InvalidModel)?;
-        let mut stream_ctx = StreamContext::new();
-        stream_ctx.set(CTX_STREAM_ID, id);
-        let msg = StreamObjects::new(
-            MODEL_CHANNEL,
-            TOPIC_WEIGHTS,
-            AuxTargets::Sites(ctl.job_clients().to_vec()),
-            producer,
-        )
-        .with_stream_ctx(stream_ctx);
-        Ok(Box::pin(async move {
-            let outcome = streamer
-                .send(msg)
-                .await
-                .map_err(|_| ServerError::ActorGone {
-                    actor: "StreamProcessor",
-                })??;
-            if outcome.rc.is_ok() {
-                Ok(())
-            } else {
-                Err(ServerError::Aggregation(format!(
-                    "model stream ended with {}: {:?}",
-                    outcome.rc, outcome.result
-                )))
-            }
-        }))
+        Ok(ModelSender {
+            streamer,
+            arrays: global.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            id: id.to_owned(),
+            prefix: format!(
+                "[job={} site=server] {}: round {round}",
+                ctl.job_id(),
+                self.id
+            ),
+        })
     }
 
     /// The round's aggregate from the incremental sums, and the clients whose streams
@@ -595,6 +568,59 @@ impl ScatterAndGather {
             }
         }
         (contributions, failed)
+    }
+}
+
+/// Streams a round's global model to one client each time the round's task is handed to it
+/// (on `fedrun.model`/`weights`, the round's stream id in the context): a client that joins
+/// after the round started, or asks again after a reconnection, gets its own copy, and a
+/// client that is gone fails only its own stream. The arrays are shared, not copied (`Bytes`).
+struct ModelSender {
+    streamer: actix::Addr<fedrun_engine::StreamProcessor>,
+    arrays: Vec<(String, fedrun_core::NdArray)>,
+    id: String,
+    prefix: String,
+}
+
+impl ModelSender {
+    /// Starts the stream to `site` in the background; its outcome is logged (a client that
+    /// does not get its copy fails its task, which the round counts as a failed client).
+    fn send_to(&self, site: &str) {
+        let producer = match ArraysProducer::new(self.arrays.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("{} model stream to {site} not started: {e}", self.prefix);
+                return;
+            }
+        };
+        let mut stream_ctx = StreamContext::new();
+        stream_ctx.set(CTX_STREAM_ID, self.id.as_str());
+        let msg = StreamObjects::new(
+            MODEL_CHANNEL,
+            TOPIC_WEIGHTS,
+            AuxTargets::Site(site.to_owned()),
+            producer,
+        )
+        .with_stream_ctx(stream_ctx);
+        let streamer = self.streamer.clone();
+        let (prefix, site) = (self.prefix.clone(), site.to_owned());
+        log::info!("{prefix}: model stream to {site} starts ({})", self.id);
+        actix::spawn(async move {
+            match streamer.send(msg).await {
+                Ok(Ok(outcome)) if outcome.rc.is_ok() => {
+                    log::info!("{prefix}: model stream to {site} complete");
+                }
+                Ok(Ok(outcome)) => log::error!(
+                    "{prefix}: model stream to {site} ended with {}: {:?}",
+                    outcome.rc,
+                    outcome.result
+                ),
+                Ok(Err(e)) => log::error!("{prefix}: model stream to {site} failed: {e}"),
+                Err(_) => log::error!(
+                    "{prefix}: model stream to {site} failed: the stream processor is gone"
+                ),
+            }
+        });
     }
 }
 

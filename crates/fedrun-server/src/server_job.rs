@@ -7,7 +7,16 @@
 //! for `__sync_runner__`, `__job_heartbeat__` and `__task_check__`. Workflows then run on it
 //! ([`ServerJob::run_workflow`]); when they are done the run ends: every client job is told
 //! `__end_run__` (aux, fire-and-forget to each `<site>.<job>`) and later `get_task` requests
-//! are answered `__end_run__`.
+//! are answered `__end_run__`. A run that failed (a workflow error, an abort) first tells every
+//! client job so ([`RUN_FAILED_TOPIC`]), so that a client process can exit with an error.
+//!
+//! Client jobs that lose their connection: whoever owns the transport reports connections
+//! closing and coming back ([`ServerJob::client_connection`], or
+//! [`ServerJob::follow_connections`] on a watch of the transport's peers); a client job gone
+//! for longer than the client grace ([`ServerJobBuilder::client_grace`], default
+//! [`DEFAULT_CLIENT_GRACE`]) is counted out of the tasks waiting for it at once — the
+//! workflow sees a failed client and goes on with the others or fails — instead of being
+//! waited for until a timeout.
 //!
 //! Client-to-client aux messages need no relay here: in-process, client jobs reach each other
 //! directly through the [`Network`]. A relay through the server is only needed once clients
@@ -37,9 +46,10 @@ use tokio::sync::mpsc;
 
 use crate::controller::Controller;
 use crate::error::ServerError;
+pub use crate::task_manager::DEFAULT_CLIENT_GRACE;
 use crate::task_manager::{
-    CheckTask, EndRun, GetLastSeen, GetRunPhase, GetTask, Heartbeat, RunPhase, StartRun,
-    StopTaskManager, SubmitUpdate, TaskManager, TaskManagerConfig,
+    CheckTask, ClientConnection, EndRun, GetLastSeen, GetRunPhase, GetTask, Heartbeat, RunPhase,
+    StartRun, StopTaskManager, SubmitUpdate, TaskManager, TaskManagerConfig,
 };
 use crate::workflow::{Workflow, WorkflowEvent, WorkflowOutcome};
 
@@ -49,6 +59,17 @@ pub const SERVER_IDENTITY: &str = "server";
 /// The default `__wait_time__` of `get_task` replies. NVFlare uses a few seconds; fedrun
 /// polls faster because in-process polling is cheap.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The aux topic on which a server job tells its client jobs, before `__end_run__`, that the
+/// run failed or was aborted (header [`RUN_FAILED_REASON`]: why). NVFlare has no such message
+/// (its client jobs end the same way either way); fedrun's `fedrun client` listens to it to
+/// exit with an error. A client job without a handler answers it with an error, which is only
+/// logged.
+pub const RUN_FAILED_TOPIC: &str = "fedrun.run_failed";
+/// The header of a [`RUN_FAILED_TOPIC`] message that says why the run failed.
+pub const RUN_FAILED_REASON: &str = "fedrun.reason";
+/// How long the server job waits for the client jobs' answers to [`RUN_FAILED_TOPIC`].
+const RUN_FAILED_NOTICE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Configuration of a server job before it starts.
 ///
@@ -80,6 +101,7 @@ pub struct ServerJobBuilder {
     min_get_task_timeout: Option<Duration>,
     events: Option<mpsc::UnboundedSender<WorkflowEvent>>,
     check_run_mismatch: bool,
+    client_grace: Duration,
 }
 
 impl ServerJobBuilder {
@@ -118,6 +140,14 @@ impl ServerJobBuilder {
     /// received).
     pub fn events(mut self, tx: mpsc::UnboundedSender<WorkflowEvent>) -> Self {
         self.events = Some(tx);
+        self
+    }
+
+    /// How long a client job whose connection closed may take to come back before it is
+    /// counted out of the tasks waiting for it (default [`DEFAULT_CLIENT_GRACE`]; see
+    /// [`ServerJob::client_connection`]).
+    pub fn client_grace(mut self, grace: Duration) -> Self {
+        self.client_grace = grace;
         self
     }
 
@@ -211,7 +241,8 @@ impl ServerJobBuilder {
             .map_err(ServerError::gone("RunInfo"))?;
         let config = TaskManagerConfig::new(&job_id, clients.clone(), server_ctx)
             .with_poll_interval(self.poll_interval)
-            .with_min_get_task_timeout(self.min_get_task_timeout);
+            .with_min_get_task_timeout(self.min_get_task_timeout)
+            .with_client_grace(self.client_grace);
         let tasks = TaskManager::new(config).start();
         register_cell_handlers(&cell, tasks.downgrade()).await?;
         register_aux_handlers(&aux, tasks.downgrade()).await?;
@@ -404,6 +435,7 @@ impl ServerJob {
             min_get_task_timeout: None,
             events: None,
             check_run_mismatch: true,
+            client_grace: DEFAULT_CLIENT_GRACE,
         }
     }
 
@@ -480,6 +512,73 @@ impl ServerJob {
             .map_err(ServerError::gone("TaskManager"))
     }
 
+    /// Reports that the connection of `client`'s job closed (`connected == false`) or is (back)
+    /// up. A client job that does not come back within the client grace is counted out of the
+    /// tasks waiting for it (they get a `COMMUNICATION_ERROR` result in its name, logged with
+    /// the site and job), and of the tasks posted for it until it connects again. Unknown names
+    /// are ignored.
+    pub fn client_connection(&self, client: &str, connected: bool) {
+        // do_send: a report must not wait; the mailbox is bounded by the number of changes.
+        self.tasks.do_send(ClientConnection {
+            client: client.to_owned(),
+            connected,
+        });
+    }
+
+    /// Follows the connections of the job's clients: after every change signalled by
+    /// `changes` (e.g. a network transport's watch of its peers), `is_connected(site)` is
+    /// asked for every job client and each change is reported with
+    /// [`ServerJob::client_connection`]. Clients start as not connected, and a client is only
+    /// reported gone after it was seen connected (a client that has not connected yet is
+    /// waited for). The returned task ends when `changes`' sender is dropped.
+    ///
+    /// # Example
+    /// With a TCP transport: `server.follow_connections(transport.peer_changes(), move |site|
+    /// t.is_connected(&Fqcn::job_cell(site, &job).unwrap()))`. By hand:
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use fedrun_cell::Network;
+    /// use fedrun_server::ServerJob;
+    ///
+    /// actix::System::new().block_on(async {
+    ///     let server = ServerJob::builder("job-1").job_clients(&["site-1"])
+    ///         .start(&Network::new()).await.unwrap();
+    ///     let (changed, changes) = tokio::sync::watch::channel(0u64);
+    ///     let up = Arc::new(Mutex::new(true));
+    ///     let seen = Arc::clone(&up);
+    ///     let follower = server.follow_connections(changes, move |_site| *seen.lock().unwrap());
+    ///     *up.lock().unwrap() = false; // site-1's connection closed
+    ///     changed.send_modify(|g| *g += 1);
+    ///     drop(changed);
+    ///     follower.await.unwrap();
+    ///     server.stop().await;
+    /// });
+    /// ```
+    pub fn follow_connections(
+        &self,
+        mut changes: tokio::sync::watch::Receiver<u64>,
+        is_connected: impl Fn(&str) -> bool + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let server = self.clone();
+        actix::spawn(async move {
+            let mut up: HashMap<String, bool> = HashMap::new();
+            loop {
+                changes.borrow_and_update();
+                for site in server.clients.iter() {
+                    let now = is_connected(site);
+                    let before = up.insert(site.clone(), now).unwrap_or(false);
+                    if now != before {
+                        server.client_connection(site, now);
+                    }
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
     /// Aborts the run: every wait of every workflow ends with [`ServerError::Aborted`] (the
     /// workflow then fails and [`ServerJob::run_workflow`] ends the run).
     pub fn abort(&self) {
@@ -498,6 +597,9 @@ impl ServerJob {
         workflow: &mut W,
     ) -> Result<WorkflowOutcome, ServerError> {
         let outcome = self.run_one(workflow).await;
+        if let Err(e) = &outcome {
+            self.tell_run_failed(e).await;
+        }
         let ended = self.end_run().await;
         let outcome = outcome?;
         ended?;
@@ -526,6 +628,9 @@ impl ServerJob {
                     break;
                 }
             }
+        }
+        if let Some(e) = &failure {
+            self.tell_run_failed(e).await;
         }
         let ended = self.end_run().await;
         if let Some(e) = failure {
@@ -572,6 +677,50 @@ impl ServerJob {
             });
         }
         result
+    }
+
+    /// Tells every client job that the run failed ([`RUN_FAILED_TOPIC`]), unless the run had
+    /// ended already; waits for their answers a few seconds at most. Failures are logged only:
+    /// the run ends anyway.
+    async fn tell_run_failed(&self, error: &ServerError) {
+        if matches!(self.run_phase().await, Ok(RunPhase::Ended) | Err(_)) {
+            return;
+        }
+        let mut notice = Shareable::new();
+        notice.set_header(RUN_FAILED_REASON, error.to_string());
+        let request = SendAuxRequest::new(
+            AuxTargets::Sites(self.clients.to_vec()),
+            RUN_FAILED_TOPIC,
+            notice,
+            RUN_FAILED_NOTICE_TIMEOUT,
+        )
+        .with_optional(true);
+        match self.aux.send(request).await {
+            Ok(Ok(replies)) => {
+                for (site, reply) in replies {
+                    let rc = reply.return_code();
+                    if !rc.is_ok() {
+                        log::info!(
+                            "[job={} site={site}] the notice that the run failed was answered \
+                             {rc}",
+                            self.job_id
+                        );
+                    }
+                }
+                log::info!(
+                    "[job={} site=server] client jobs told that the run failed: {error}",
+                    self.job_id
+                );
+            }
+            Ok(Err(e)) => log::warn!(
+                "[job={} site=server] the notice that the run failed was not sent: {e}",
+                self.job_id
+            ),
+            Err(e) => log::warn!(
+                "[job={} site=server] the notice that the run failed was not sent: {e}",
+                self.job_id
+            ),
+        }
     }
 
     /// Ends the run (idempotent): open tasks are closed, later `get_task` requests are answered

@@ -16,12 +16,16 @@
 //! - a task past its timeout, or whose workflow stopped waiting, is no longer handed out;
 //! - a result is accepted once per target, only for a task it was sent; anything else (late,
 //!   unknown, duplicate) is logged and dropped, and the client still gets an `ok` reply;
-//! - once every target answered, the task is closed (`__task_check__` then says `TASK_UNKNOWN`).
+//! - once every target answered, the task is closed (`__task_check__` then says `TASK_UNKNOWN`);
+//! - a client job whose connection closed ([`ClientConnection`]) and did not come back within
+//!   the client grace is *counted out*: every open task still expecting it gets a
+//!   `COMMUNICATION_ERROR` result in its name at once (the workflow sees a failed client, not
+//!   a silent one), and so does every task posted for it until it connects again.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use actix::{Actor, Context, Handler, Message, MessageResult};
+use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResult};
 use fedrun_cell::Payload;
 use fedrun_core::{AppReturnCode, PeerContext, Shareable};
 use tokio::sync::mpsc;
@@ -32,6 +36,10 @@ use crate::task::{Task, TaskResult};
 
 /// The default mailbox capacity of the [`TaskManager`].
 pub const DEFAULT_TASK_MANAGER_MAILBOX: usize = 1024;
+
+/// The default client grace: how long a client job whose connection closed may take to come
+/// back before it is counted out of its tasks.
+pub const DEFAULT_CLIENT_GRACE: Duration = Duration::from_secs(30);
 
 /// The phase of the run, as the task manager sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +66,9 @@ pub struct TaskManagerConfig {
     pub(crate) hints: PollHints,
     /// The mailbox capacity.
     pub mailbox_capacity: usize,
+    /// How long a client job whose connection closed may take to come back before it is
+    /// counted out (default [`DEFAULT_CLIENT_GRACE`]).
+    pub client_grace: Duration,
 }
 
 /// One open task.
@@ -72,6 +83,8 @@ struct OpenTask {
     sent: HashSet<String>,
     answered: HashSet<String>,
     results: mpsc::UnboundedSender<TaskResult>,
+    /// Told the client's name each time the task is handed to it.
+    handed_out: Option<mpsc::UnboundedSender<String>>,
 }
 
 impl OpenTask {
@@ -110,6 +123,13 @@ pub struct TaskManager {
     phase: RunPhase,
     tasks: Vec<OpenTask>,
     last_seen: HashMap<String, Instant>,
+    client_grace: Duration,
+    /// Clients whose connection closed, with the generation of that loss (a grace timer only
+    /// acts on the loss it was started for).
+    lost: HashMap<String, u64>,
+    /// Clients counted out: lost for longer than the grace, not back yet.
+    counted_out: HashSet<String>,
+    loss_generation: u64,
 }
 
 impl TaskManagerConfig {
@@ -125,7 +145,14 @@ impl TaskManagerConfig {
                 min_get_task_timeout: None,
             },
             mailbox_capacity: DEFAULT_TASK_MANAGER_MAILBOX,
+            client_grace: DEFAULT_CLIENT_GRACE,
         }
+    }
+
+    /// Sets the client grace (see [`TaskManagerConfig::client_grace`]).
+    pub fn with_client_grace(mut self, grace: Duration) -> Self {
+        self.client_grace = grace;
+        self
     }
 
     /// Sets `__wait_time__`: how long clients wait before polling again.
@@ -153,7 +180,92 @@ impl TaskManager {
             phase: RunPhase::NotStarted,
             tasks: Vec::new(),
             last_seen: HashMap::new(),
+            client_grace: config.client_grace,
+            lost: HashMap::new(),
+            counted_out: HashSet::new(),
+            loss_generation: 0,
         }
+    }
+
+    /// Answers, in `client`'s name, every open task still expecting it with a
+    /// `COMMUNICATION_ERROR` result (the client is gone: the workflow must not wait for it).
+    fn count_out(&mut self, client: &str) {
+        let job = &self.job_id;
+        self.tasks.retain_mut(|task| {
+            if !task.expects(client) {
+                return true;
+            }
+            task.answered.insert(client.to_owned());
+            log::warn!(
+                "[job={job} site={client}] client job {client}.{job} counted out of task {} \
+                 ({}): its connection is gone",
+                task.name,
+                task.id
+            );
+            let rc = AppReturnCode::CommunicationError;
+            let delivered = task
+                .results
+                .send(TaskResult {
+                    client: client.to_owned(),
+                    result: Shareable::make_reply(rc, None),
+                    rc: rc.into(),
+                })
+                .is_ok();
+            delivered && task.answered.len() < task.targets.len()
+        });
+    }
+
+    /// A client job's connection closed (`connected == false`) or is back.
+    fn connection_changed(&mut self, client: String, connected: bool, ctx: &mut Context<Self>) {
+        if !self.clients.contains(&client) {
+            return;
+        }
+        if connected {
+            let was_lost = self.lost.remove(&client).is_some();
+            if self.counted_out.remove(&client) {
+                log::info!(
+                    "[job={} site={client}] client job {client}.{} is back after being counted \
+                     out; it takes part again from the next task",
+                    self.job_id,
+                    self.job_id
+                );
+            } else if was_lost {
+                log::info!(
+                    "[job={} site={client}] client job {client}.{} came back within the grace",
+                    self.job_id,
+                    self.job_id
+                );
+            }
+            return;
+        }
+        if self.lost.contains_key(&client) || self.counted_out.contains(&client) {
+            return;
+        }
+        self.loss_generation += 1;
+        let generation = self.loss_generation;
+        self.lost.insert(client.clone(), generation);
+        log::warn!(
+            "[job={} site={client}] connection of client job {client}.{} closed; counted out \
+             unless it is back within {:.1} s",
+            self.job_id,
+            self.job_id,
+            self.client_grace.as_secs_f64()
+        );
+        ctx.run_later(self.client_grace, move |act, _ctx| {
+            if act.lost.get(&client) != Some(&generation) {
+                return;
+            }
+            act.lost.remove(&client);
+            log::error!(
+                "[job={} site={client}] client job {client}.{} did not come back within {:.1} s \
+                 of losing its connection: counted out",
+                act.job_id,
+                act.job_id,
+                act.client_grace.as_secs_f64()
+            );
+            act.counted_out.insert(client.clone());
+            act.count_out(&client);
+        });
     }
 
     fn seen(&mut self, client: &str) {
@@ -257,6 +369,10 @@ impl TaskManager {
                 task.name,
                 task.id
             );
+        }
+        if let Some(tx) = &task.handed_out {
+            // The workflow may have stopped listening (it then ignores hand-outs).
+            let _ = tx.send(client.clone());
         }
         let msg_root_id = uuid::Uuid::new_v4().to_string();
         protocol::task(&TaskSend {
@@ -561,6 +677,9 @@ pub struct PostTask {
     pub targets: Vec<String>,
     /// The posting workflow's id (`__workflow__` cookie).
     pub workflow: String,
+    /// Told the client's name each time the task is handed to a client (e.g. to send it what
+    /// goes with the task, such as a streamed model); `None`: nobody needs to know.
+    pub handed_out: Option<mpsc::UnboundedSender<String>>,
 }
 
 impl Handler<PostTask> for TaskManager {
@@ -596,6 +715,11 @@ impl Handler<PostTask> for TaskManager {
             msg.workflow,
             targets.join(", ")
         );
+        let gone: Vec<String> = targets
+            .iter()
+            .filter(|t| self.counted_out.contains(*t))
+            .cloned()
+            .collect();
         self.tasks.push(OpenTask {
             id: id.clone(),
             name: msg.task.name,
@@ -607,7 +731,11 @@ impl Handler<PostTask> for TaskManager {
             sent: HashSet::new(),
             answered: HashSet::new(),
             results: tx,
+            handed_out: msg.handed_out,
         });
+        for client in gone {
+            self.count_out(&client);
+        }
         Ok(PostedTask { id, results: rx })
     }
 }
@@ -649,5 +777,25 @@ impl Handler<StopTaskManager> for TaskManager {
         use actix::ActorContext;
         self.tasks.clear();
         ctx.stop();
+    }
+}
+
+/// A client job's connection closed (`connected: false`) or is (back) up. A client that stays
+/// disconnected for the client grace is counted out of its tasks (see the module doc);
+/// unknown names are ignored.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ClientConnection {
+    /// The client's name.
+    pub client: String,
+    /// Whether it is connected now.
+    pub connected: bool,
+}
+
+impl Handler<ClientConnection> for TaskManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: ClientConnection, ctx: &mut Context<Self>) {
+        self.connection_changed(msg.client, msg.connected, ctx);
     }
 }

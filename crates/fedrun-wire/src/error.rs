@@ -189,7 +189,55 @@ pub enum WireError {
     /// The transport has been shut down.
     #[error("the transport is shut down")]
     ShutDown,
+    /// TLS settings that cannot work (a mode without the credentials it needs, credentials
+    /// rustls refuses, a connection security that is not clear, tls or mtls).
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
+    /// A TLS credential file that cannot be read or holds no usable PEM.
+    #[error("TLS credential file {}: {reason}", path.display())]
+    TlsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it is not usable.
+        reason: String,
+    },
+    /// On an mTLS connection, the name an endpoint registers does not belong to the
+    /// certificate it presented (NVFlare binds `site-1.<job>` to CN `site-1`, `server` to the
+    /// server's identity).
+    #[error(
+        "authentication failed: endpoint {name} presented a certificate for {} but must be {expected}",
+        cn.as_deref().unwrap_or("no CN")
+    )]
+    IdentityMismatch {
+        /// The registered endpoint name.
+        name: String,
+        /// The CN of the presented certificate.
+        cn: Option<String>,
+        /// The identity the name requires.
+        expected: String,
+    },
     /// A socket error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// A secure message was to be sent, and no credentials for secure messages are configured
+    /// (`WireConfig::secure`): it is not sent at all, never in clear.
+    #[error("secure message not sent: no credentials for secure messages are configured")]
+    SecureUnavailable,
+    /// Sealing a secure message for a cell failed.
+    #[error("secure message for {peer}: {source}")]
+    Secure {
+        /// The cell.
+        peer: String,
+        /// Why.
+        #[source]
+        source: fedrun_secure::SecureError,
+    },
+    /// The certificate exchange with a cell failed.
+    #[error("key exchange with {target} failed: {reason}")]
+    KeyExchange {
+        /// The cell asked.
+        target: String,
+        /// Why.
+        reason: String,
+    },
 }

@@ -3,7 +3,7 @@
 //! A fedrun [`fedrun_cell::Cell`] talks to other cells through a
 //! [`fedrun_cell::Transport`]. Inside one process that is the in-process network; to talk to
 //! NVFlare's Python processes (or to another fedrun process) it must be NVFlare's own wire:
-//! SFM frames over plain TCP. This crate provides it, layer by layer:
+//! SFM frames over TCP, plain or TLS. This crate provides it, layer by layer:
 //!
 //! - [`frame`]: the [`Frame`] (16-byte prefix, msgpack header map, payload), its exact byte
 //!   form, the handshake payload [`HandshakeInfo`] and the heartbeat payload.
@@ -23,6 +23,10 @@
 //!   prefixes of peer-supplied strings ([`limits::Bounded`]), the descriptor-derived connection
 //!   limit. `inbound` (internal) enforces the connection slots, the silent-connection policy and
 //!   the per-connection in-flight budget.
+//! - [`tls`]: TLS and mTLS (`stcp://`, NVFlare's `secure_train`): credentials from a startup
+//!   kit, [`tls::TlsListener`] and [`tls::TlsConnector`] for
+//!   [`TcpTransport::add_tls_listener`] and [`TcpTransport::add_tls_connector`], and the mTLS
+//!   binding of registered names to certificate CNs.
 //! - [`error`]: [`WireError`], one typed variant per way a peer or a socket can fail.
 //!
 //! # Relaying
@@ -70,6 +74,9 @@ pub mod message;
 pub mod stream;
 mod stream_rx;
 pub mod stream_tx;
+pub mod tls;
+mod tls_cert;
+mod tls_conn;
 pub mod transport;
 
 pub use codec::{SfmCodec, READ_RESERVE_LIMIT};

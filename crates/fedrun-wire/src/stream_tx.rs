@@ -478,6 +478,8 @@ pub(crate) struct Transmission<'a> {
     pub(crate) ack_timeout: Duration,
     /// `channel/topic` of the logical message, for log lines.
     pub(crate) what: String,
+    /// Seals each chunk for the target (a secure message), after its cleartext is counted.
+    pub(crate) seal: Option<&'a crate::transport::secure::Sealer>,
 }
 
 /// Every stream this endpoint is sending, and the streamed requests waiting for a reply.
@@ -827,6 +829,9 @@ impl StreamSender {
                 reg.first = Some(chunk.headers.clone());
             }
             let len = chunk.payload.as_bytes().map_or(0, Bytes::len) as u64;
+            if let Some(seal) = t.seal {
+                seal.seal(&mut chunk)?;
+            }
             let frame = frame_from_message(chunk)?;
             let (done, written) = oneshot::channel();
             t.tx.send(Outbound {

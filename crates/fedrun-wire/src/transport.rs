@@ -51,6 +51,11 @@
 //! a payload that does not decode, a bad handshake) closes *that* connection, with a log line
 //! naming the peer; the process and the other connections go on. Nothing read from a socket is
 //! unwrapped.
+//!
+//! TLS and mTLS (NVFlare's `stcp://` and `secure_train`) wrap the same byte stream:
+//! [`TcpTransport::add_tls_listener`] and [`TcpTransport::add_tls_connector`] run the TLS
+//! handshake inside the handshake deadline, then HELLO/READY as above, and in mTLS bind the
+//! registered name to the peer's certificate (see [`crate::tls`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -67,7 +72,6 @@ use fedrun_core::{CellReturnCode, Map, Value};
 use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -89,6 +93,12 @@ use crate::stream_rx::{
     error_pair, is_stream_reply_id, Limits, PendingReply, StreamAction, StreamReceiver,
 };
 use crate::stream_tx::{ChunkParams, MessageChunks, StreamSendConfig, StreamSender, Transmission};
+use crate::tls::{TlsConnector, TlsListener};
+use crate::tls_conn::{auth_failure, Conn, ConnRead, ConnWrite, TlsSide};
+
+// secure messages (`cn__secure`): a child module, so that the hooks here stay one line each
+#[path = "secure.rs"]
+pub(crate) mod secure;
 
 /// The channel of CellNet's own control messages.
 pub const CELLNET_CHANNEL: &str = "cellnet.channel";
@@ -199,6 +209,14 @@ pub struct WireConfig {
     /// Payloads (and reassembled streams) of at least this many bytes are FOBS-decoded on
     /// tokio's blocking pool instead of an executor thread (1 MiB).
     pub blocking_decode_min: usize,
+    /// Credentials for NVFlare's end-to-end secure messages (`cn__secure`): the cell's key,
+    /// certificate and root CA, usually loaded from its startup kit
+    /// ([`fedrun_secure::CellCredentials::from_startup_kit`]). With them, a message a local
+    /// cell sends with `secure` is encrypted for its destination (after a certificate
+    /// exchange) and encrypted messages for local cells are opened; without them (the
+    /// default) a secure send fails with `authentication_error` and is never sent in clear,
+    /// and a peer's key exchange is answered with `cert_error`.
+    pub secure: Option<Arc<fedrun_secure::CellCredentials>>,
 }
 
 impl Default for WireConfig {
@@ -225,6 +243,7 @@ impl Default for WireConfig {
             max_inflight_bytes: 256 * 1024 * 1024,
             stream_idle_timeout: Duration::from_secs(120),
             blocking_decode_min: 1024 * 1024,
+            secure: None,
         }
     }
 }
@@ -256,8 +275,8 @@ impl TcpUrl {
     ///
     /// # Errors
     ///
-    /// [`WireError::InvalidUrl`] for another scheme (TLS `stcp` is not supported), a missing
-    /// host or a port that is not a number.
+    /// [`WireError::InvalidUrl`] for another scheme (`stcp` needs TLS credentials: see
+    /// [`TcpTransport::add_tls_listener`]), a missing host or a port that is not a number.
     pub fn parse(url: &str) -> Result<TcpUrl, WireError> {
         let bad = |reason| WireError::InvalidUrl {
             url: url.to_owned(),
@@ -265,7 +284,7 @@ impl TcpUrl {
         };
         let Some(rest) = url.strip_prefix("tcp://") else {
             return Err(if url.starts_with("stcp://") {
-                bad("TLS (stcp) is not supported")
+                bad("stcp (TLS) needs credentials: use add_tls_listener/add_tls_connector")
             } else {
                 bad("the scheme must be tcp://")
             });
@@ -295,8 +314,8 @@ impl fmt::Display for TcpUrl {
     }
 }
 
-type Reader = FramedRead<OwnedReadHalf, SfmCodec>;
-type Writer = FramedWrite<OwnedWriteHalf, SfmCodec>;
+type Reader = FramedRead<ConnRead, SfmCodec>;
+type Writer = FramedWrite<ConnWrite, SfmCodec>;
 
 /// A frame for a connection's writer, and who wants to know it was written.
 pub(crate) struct Outbound {
@@ -334,6 +353,7 @@ pub(crate) struct Inner {
     sender: StreamSender,
     /// The slots of accepted connections.
     slots: Arc<Slots>,
+    pub(crate) secure: secure::SecureLink,
 }
 
 /// An NVFlare endpoint on TCP: the [`Transport`] of the cells of one fedrun process.
@@ -412,8 +432,9 @@ impl TcpTransport {
             config.max_connections,
             config.max_silent_connections,
         );
+        let creds = config.secure.clone();
         TcpTransport {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
                 own,
                 config,
                 cells: RwLock::new(HashMap::new()),
@@ -425,6 +446,7 @@ impl TcpTransport {
                 bye_waiters: Mutex::new(HashMap::new()),
                 sender: StreamSender::new(),
                 slots,
+                secure: secure::SecureLink::new(creds, me.clone()),
             }),
         }
     }
@@ -463,11 +485,35 @@ impl TcpTransport {
     /// [`WireError::ShutDown`].
     pub async fn add_listener(&self, url: &str) -> Result<SocketAddr, WireError> {
         let url = TcpUrl::parse(url)?;
+        self.listen_on(url, None).await
+    }
+
+    /// Starts listening on `url` (`tcp://` or `stcp://`: TLS either way, as NVFlare's
+    /// `secure_train` does) with `tls`, and returns the bound address. Each connection must
+    /// complete the TLS handshake and then the HELLO/READY exchange within
+    /// [`WireConfig::handshake_timeout`]; in mTLS a peer whose HELLO names an endpoint its
+    /// certificate does not belong to is closed before READY, with a log line.
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpTransport::add_listener`].
+    pub async fn add_tls_listener(
+        &self,
+        url: &str,
+        tls: TlsListener,
+    ) -> Result<SocketAddr, WireError> {
+        let url = crate::tls_conn::parse_any_url(url)?;
+        self.listen_on(url, Some(TlsSide::Server(Arc::new(tls))))
+            .await
+    }
+
+    async fn listen_on(&self, url: TcpUrl, tls: Option<TlsSide>) -> Result<SocketAddr, WireError> {
         self.check_running()?;
         let listener = TcpListener::bind((url.host.as_str(), url.port)).await?;
         let addr = listener.local_addr()?;
-        log::info!("endpoint {}: listening on {addr}", self.inner.own);
-        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener));
+        let kind = if tls.is_some() { "TLS" } else { "TCP" };
+        log::info!("endpoint {}: listening on {addr} ({kind})", self.inner.own);
+        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener, tls));
         Ok(addr)
     }
 
@@ -481,7 +527,29 @@ impl TcpTransport {
     pub fn add_connector(&self, url: &str) -> Result<(), WireError> {
         let url = TcpUrl::parse(url)?;
         self.check_running()?;
-        tokio::spawn(connect_loop(Arc::clone(&self.inner), url));
+        tokio::spawn(connect_loop(Arc::clone(&self.inner), url, None));
+        Ok(())
+    }
+
+    /// As [`TcpTransport::add_connector`], over TLS with `tls` (`tcp://` or `stcp://`: TLS
+    /// either way). In mTLS the server's certificate CN must be the connector's server
+    /// identity. A refused certificate is logged as an authentication failure and retried
+    /// at the longest back-off only.
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpTransport::add_connector`], and [`WireError::IdentityMismatch`] when, in mTLS,
+    /// this endpoint's name does not belong to the certificate it would present (the server
+    /// would refuse it).
+    pub fn add_tls_connector(&self, url: &str, tls: TlsConnector) -> Result<(), WireError> {
+        let url = crate::tls_conn::parse_any_url(url)?;
+        tls.check_own_name(&self.inner.own)?;
+        self.check_running()?;
+        let side = TlsSide::Client {
+            connector: Arc::new(tls),
+            host: url.host.clone(),
+        };
+        tokio::spawn(connect_loop(Arc::clone(&self.inner), url, Some(side)));
         Ok(())
     }
 
@@ -515,6 +583,14 @@ impl TcpTransport {
     /// Whether a live connection to `peer` exists.
     pub fn is_connected(&self, peer: &Fqcn) -> bool {
         self.inner.is_connected(peer)
+    }
+
+    /// A receiver that is marked changed whenever a peer connects or its connection ends (the
+    /// value is only a generation counter: read [`TcpTransport::peers`] or
+    /// [`TcpTransport::is_connected`] after each change). Lets a server notice a client job
+    /// whose connection closed, and whether it came back.
+    pub fn peer_changes(&self) -> watch::Receiver<u64> {
+        self.inner.peers_changed.subscribe()
     }
 
     /// Waits until `peer` is connected (handshake done), at most `timeout`; returns whether it
@@ -749,11 +825,11 @@ impl Inner {
             );
             CellReturnCode::CommError
         })?;
-        if self
-            .config
-            .stream_send
-            .wants_stream_with_refs(&msg.headers, body.len(), has_refs)
-        {
+        if self.config.stream_send.wants_stream_with_refs(
+            &msg.headers,
+            body.len(),
+            has_refs || secure::must_stream(&msg.headers, encoding),
+        ) {
             return self
                 .stream_out(&msg.headers, encoding, body, &dest, &peer, &link)
                 .await
@@ -770,6 +846,10 @@ impl Inner {
                 msg.headers.topic().unwrap_or("")
             );
         }
+        let body = self
+            .seal_body(&mut msg.headers, body, &dest)
+            .await
+            .map_err(|e| send_error_code(&e))?;
         self.stamp_hop(&mut msg.headers, &peer);
         msg.headers.set_payload_encoding(encoding);
         msg.headers.set_payload_len(body.len() as u64);
@@ -830,6 +910,9 @@ impl Inner {
         let wants_reply = logical.msg_type() == Some(MsgType::Req)
             && logical.reply_expected() == Some(true)
             && logical.get(header::REQ_ID).is_some();
+        let sealer = self
+            .chunk_sealer(logical, logical.origin().unwrap_or(self.own.as_str()), dest)
+            .await?;
         let request_id = wants_reply.then(|| uuid::Uuid::new_v4().to_string());
         let size = body.len() as u64;
         let chunks = MessageChunks::new(
@@ -865,6 +948,7 @@ impl Inner {
                 logical.channel().unwrap_or(""),
                 logical.topic().unwrap_or("")
             ),
+            seal: sealer.as_ref(),
         };
         let result = self
             .sender
@@ -919,6 +1003,15 @@ impl Inner {
             .iter()
             .map(|c| c.payload.as_bytes().map_or(0, |b| b.len() as u64))
             .sum();
+        // the reply to a secure request is sealed for the requester, chunk by chunk
+        let sealer = self
+            .chunk_sealer(
+                &reply.headers,
+                reply.headers.origin().unwrap_or(self.own.as_str()),
+                &requester,
+            )
+            .await
+            .map_err(|e| send_error_code(&e))?;
         let t = Transmission {
             own: &self.own,
             peer: &peer,
@@ -930,6 +1023,7 @@ impl Inner {
             window: cfg.window_size,
             ack_timeout: cfg.ack_timeout,
             what: format!("reply to {}", pending.describe()),
+            seal: sealer.as_ref(),
         };
         self.sender
             .transmit(&t, chunks.into_iter(), |h| self.stamp_hop(h, &peer))
@@ -1648,6 +1742,9 @@ impl Inner {
                         }
                         continue;
                     }
+                    let Some(frame) = self.open_incoming(peer, frame, tx).await else {
+                        continue;
+                    };
                     let permit = if needs_permit(&frame) {
                         // no room in the budget: stop reading (TCP slows the peer down)
                         tokio::select! {
@@ -1772,6 +1869,9 @@ fn send_error_code(e: &WireError) -> CellReturnCode {
     match e {
         WireError::InvalidDestination(_) => CellReturnCode::InvalidTarget,
         WireError::NoRoute(_) => CellReturnCode::TargetUnreachable,
+        WireError::SecureUnavailable | WireError::Secure { .. } | WireError::KeyExchange { .. } => {
+            CellReturnCode::AuthenticationError
+        }
         _ => CellReturnCode::CommError,
     }
 }
@@ -1906,10 +2006,16 @@ async fn write_loop(
 async fn handshake(
     inner: &Inner,
     stream: TcpStream,
+    tls: Option<&TlsSide>,
     active: bool,
 ) -> Result<(Fqcn, Reader, Writer), WireError> {
-    stream.set_nodelay(true)?;
-    let (r, w) = stream.into_split();
+    // the TLS handshake and HELLO/READY share one deadline
+    let deadline = tokio::time::Instant::now() + inner.config.handshake_timeout;
+    let conn = tokio::time::timeout_at(deadline, Conn::establish(stream, tls))
+        .await
+        .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
+    let identity = conn.peer_identity();
+    let (r, w) = conn.into_split();
     // Until the peer has said who it is, it may send no more than a HELLO/READY needs: a peer
     // that announces a bigger frame is refused at its prefix, before anything is buffered.
     let mut reader = FramedRead::new(
@@ -1944,6 +2050,8 @@ async fn handshake(
         if peer == inner.own {
             return Err(WireError::SelfConnection(peer.to_string()));
         }
+        // mTLS: the name must belong to the certificate (checked before READY is sent)
+        identity.check(tls, &peer)?;
         if !active {
             let mut ready = Frame::ready(&me)?;
             ready.sequence = 1;
@@ -1951,7 +2059,7 @@ async fn handshake(
         }
         Ok(peer)
     };
-    let peer = tokio::time::timeout(inner.config.handshake_timeout, exchange)
+    let peer = tokio::time::timeout_at(deadline, exchange)
         .await
         .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
     reader
@@ -1960,7 +2068,7 @@ async fn handshake(
     Ok((peer, reader, writer))
 }
 
-async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, tls: Option<TlsSide>) {
     loop {
         let accepted = tokio::select! {
             () = inner.shutdown.cancelled() => break,
@@ -1975,11 +2083,12 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
                     continue;
                 };
                 let inner = Arc::clone(&inner);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let handshaken = tokio::select! {
                         biased;
                         () = slot.cancel.cancelled() => return,
-                        r = handshake(&inner, stream, false) => r,
+                        r = handshake(&inner, stream, tls.as_ref(), false) => r,
                     };
                     match handshaken {
                         Ok((peer, reader, writer)) => {
@@ -2008,7 +2117,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     log::debug!("endpoint {}: listener closed", inner.own);
 }
 
-async fn connect_loop(inner: Arc<Inner>, url: TcpUrl) {
+async fn connect_loop(inner: Arc<Inner>, url: TcpUrl, tls: Option<TlsSide>) {
     let initial = inner.config.reconnect_initial;
     let mut delay = initial;
     loop {
@@ -2022,7 +2131,7 @@ async fn connect_loop(inner: Arc<Inner>, url: TcpUrl) {
             )
             .await
             .map_err(|_| WireError::HandshakeTimeout(inner.config.handshake_timeout))??;
-            handshake(&inner, stream, true).await
+            handshake(&inner, stream, tls.as_ref(), true).await
         };
         let outcome = tokio::select! {
             () = inner.shutdown.cancelled() => break,
@@ -2031,14 +2140,37 @@ async fn connect_loop(inner: Arc<Inner>, url: TcpUrl) {
         match outcome {
             Ok((peer, reader, writer)) => {
                 delay = initial;
+                let connected = tokio::time::Instant::now();
                 Arc::clone(&inner)
-                    .run_connection(peer, reader, writer, None)
+                    .run_connection(peer.clone(), reader, writer, None)
                     .await;
+                if crate::tls_conn::refused_after_ready(tls.as_ref(), connected.elapsed())
+                    && !inner.shutdown.is_cancelled()
+                {
+                    delay = inner.config.reconnect_max;
+                    log::error!(
+                        "endpoint {}: authentication with {url} failed: {peer} closed the mTLS \
+                         connection right after READY, as NVFlare does when the registered name \
+                         does not belong to the certificate; retrying in {delay:?}",
+                        inner.own
+                    );
+                }
             }
-            Err(e) => log::warn!(
-                "endpoint {}: cannot connect to {url}: {e}; retrying in {delay:?}",
-                inner.own
-            ),
+            Err(e) => match auth_failure(&e) {
+                // retrying fast would not help: the credentials must change
+                Some(why) => {
+                    delay = inner.config.reconnect_max;
+                    log::error!(
+                        "endpoint {}: authentication with {url} failed: {why}; retrying in \
+                         {delay:?}",
+                        inner.own
+                    );
+                }
+                None => log::warn!(
+                    "endpoint {}: cannot connect to {url}: {e}; retrying in {delay:?}",
+                    inner.own
+                ),
+            },
         }
         tokio::select! {
             () = inner.shutdown.cancelled() => break,

@@ -8,7 +8,9 @@
 //! - [`engine`]: the client job engine: the `ClientRunManager` facade and its actors, started
 //!   with [`ClientEngine`] and driven through an [`EngineHandle`]; executors and the task loop;
 //! - [`server`]: the server job: NVFlare's task protocol, workflows, ScatterAndGather/FedAvg;
-//! - [`wire`]: NVFlare's wire: SFM frames and the TCP transport for cells.
+//! - [`wire`]: NVFlare's wire: SFM frames and the TCP transport for cells;
+//! - [`secure`]: NVFlare's end-to-end secure messages: credentials from a startup kit
+//!   (`wire::WireConfig::secure`), the envelope, certificate checks.
 //!
 //! # Example
 //! ```
@@ -26,5 +28,6 @@ pub use fedrun_core::{AppReturnCode, CellReturnCode, Map, ReturnCode, Shareable,
 pub use fedrun_engine as engine;
 pub use fedrun_engine::{ClientEngine, EngineError, EngineHandle};
 pub use fedrun_fobs as fobs;
+pub use fedrun_secure as secure;
 pub use fedrun_server as server;
 pub use fedrun_wire as wire;

@@ -172,7 +172,7 @@ pub async fn run_job(args: WorkerArgs, options: JobOptions) -> Result<JobReport,
         &args.sp_target,
         args.set_flag("secure_train").unwrap_or(true),
         conn_gen.as_deref(),
-    );
+    )?;
     let deploy = crate::deployed::DeployOptions {
         set: args.set.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         ..Default::default()
@@ -183,6 +183,7 @@ pub async fn run_job(args: WorkerArgs, options: JobOptions) -> Result<JobReport,
 
     let config = WireConfig {
         outgoing_headers: auth_headers(&args),
+        secure: startup::secure_credentials(&args.startup, &args.fed_client)?,
         // a client job is a leaf: it relays nothing
         forwarding: false,
         ..WireConfig::default()
@@ -226,6 +227,24 @@ async fn run_on(
                 .add_connector(url)
                 .map_err(|e| bad_option("-g/--sp_target", e))?;
         }
+        ServerRoute::DirectTls { url, security } => {
+            log::info!(
+                "{prefix} connecting to the server at {url} over {security} (startup kit {}) \
+                 and to the parent at {}",
+                args.startup.display(),
+                args.parent_url
+            );
+            let creds = startup.tls_credentials(&args.startup)?;
+            let connector = fedrun_wire::tls::TlsConnector::new(
+                &creds,
+                *security,
+                startup.server_identity.as_deref(),
+            )
+            .map_err(|e| bad_option("-w/--startup", e))?;
+            transport
+                .add_tls_connector(url, connector)
+                .map_err(|e| bad_option("-g/--sp_target", e))?;
+        }
         ServerRoute::ViaParent(why) => {
             log::info!(
                 "{prefix} reaching the server through the parent at {} only: {why}",
@@ -243,7 +262,7 @@ async fn run_on(
             secs: timeout_secs,
         });
     }
-    if let ServerRoute::Direct(url) = route {
+    if let ServerRoute::Direct(url) | ServerRoute::DirectTls { url, .. } = route {
         if !transport
             .wait_for_peer(&Fqcn::SERVER, options.connect_timeout)
             .await
